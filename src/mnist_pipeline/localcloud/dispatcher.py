@@ -1,0 +1,157 @@
+"""Deliver S3 events to the Lambda handlers.
+
+S3 sends each notification to an SQS queue per function, filtered by the
+template's rules; moto builds the message exactly as S3 does, with a
+URL-encoded key. The dispatcher receives each message and invokes the
+function in a fresh process (`invoke`), with the message body as the event.
+A failed invocation is retried when the message becomes visible again, and
+after `MAX_ATTEMPTS` attempts SQS moves it to the function's dead-letter
+queue, as Lambda's asynchronous invocation does with its retries.
+
+Delivery is at least once and in no fixed order, as on AWS: handlers must
+tolerate both, and the dispatcher runs several invocations at once.
+"""
+
+import concurrent.futures
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+RETRY_AFTER_SECONDS = 5
+CONCURRENT_INVOCATIONS = 4
+
+
+class FunctionQueue:
+    """A function and the queue that holds its pending events."""
+
+    def __init__(
+        self,
+        name: str,
+        code_dir: Path,
+        handler: str,
+        environment: dict[str, str],
+        queue_url: str,
+        log_path: Path,
+    ) -> None:
+        self.name = name
+        self.code_dir = code_dir
+        self.handler = handler
+        self.environment = environment
+        self.queue_url = queue_url
+        self.log_path = log_path
+
+
+class EventDispatcher:
+    """Poll each function's queue and invoke the function per message."""
+
+    def __init__(self, sqs: Any, functions: list[FunctionQueue]) -> None:
+        self.sqs = sqs
+        self.functions = functions
+        self.invocations = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(CONCURRENT_INVOCATIONS)
+
+    def start(self) -> None:
+        for function in self.functions:
+            thread = threading.Thread(
+                target=self._poll,
+                args=(function,),
+                name=f"dispatch-{function.name}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _poll(self, function: FunctionQueue) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self.sqs.receive_message(
+                    QueueUrl=function.queue_url,
+                    MaxNumberOfMessages=10,
+                    WaitTimeSeconds=1,
+                    AttributeNames=["ApproximateReceiveCount"],
+                )
+            except Exception:
+                if self._stop.is_set():
+                    return
+                logger.exception("Receiving events for %s failed", function.name)
+                self._stop.wait(1)
+                continue
+            for message in response.get("Messages", []):
+                self._pool.submit(self._deliver, function, message)
+
+    def _deliver(self, function: FunctionQueue, message: dict[str, Any]) -> None:
+        event = json.loads(message["Body"])
+        if "Records" not in event:
+            # S3 sends an s3:TestEvent when the notification is configured.
+            self._delete(function, message)
+            return
+
+        attempt = int(message["Attributes"]["ApproximateReceiveCount"])
+        if self.invoke(function, message["Body"]):
+            self._delete(function, message)
+            return
+
+        self.failures += 1
+        if attempt < MAX_ATTEMPTS:
+            logger.warning(
+                "%s failed (attempt %d of %d), retrying in %d s",
+                function.name,
+                attempt,
+                MAX_ATTEMPTS,
+                RETRY_AFTER_SECONDS,
+            )
+            self.sqs.change_message_visibility(
+                QueueUrl=function.queue_url,
+                ReceiptHandle=message["ReceiptHandle"],
+                VisibilityTimeout=RETRY_AFTER_SECONDS,
+            )
+        else:
+            logger.error(
+                "%s failed %d times; the event goes to its dead-letter queue",
+                function.name,
+                attempt,
+            )
+
+    def _delete(self, function: FunctionQueue, message: dict[str, Any]) -> None:
+        self.sqs.delete_message(
+            QueueUrl=function.queue_url, ReceiptHandle=message["ReceiptHandle"]
+        )
+
+    def invoke(self, function: FunctionQueue, event_json: str) -> bool:
+        """Run the handler once in a new process; return whether it succeeded."""
+        self.invocations += 1
+        with open(function.log_path, "a") as log:
+            completed = subprocess.run(  # noqa: S603
+                [
+                    sys.executable,
+                    "-m",
+                    "mnist_pipeline.localcloud.invoke",
+                    str(function.code_dir),
+                    function.handler,
+                ],
+                input=event_json,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **function.environment},
+                text=True,
+                check=False,
+            )
+
+        return completed.returncode == 0
