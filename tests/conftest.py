@@ -1,0 +1,136 @@
+"""Shared fixtures: real MNIST data, AWS mocks, events and trained models.
+
+Real MNIST is read from the directory in the ``MNIST_DIR`` environment
+variable (the four IDX files, gzip or not). Tests that need it skip with a
+message naming the variable when it is unset; CI sets it.
+"""
+
+import copy
+import io
+import json
+import os
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from mnist_pipeline.dataset import Dataset, save_dataset
+from mnist_pipeline.sources import read_idx_directory
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENTS_DIR = ROOT / "events"
+BUCKET = "dev-mnist-123456789012-us-east-1"
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    value = os.environ.get("MNIST_DIR")
+    if not value:
+        pytest.skip("Set MNIST_DIR to a directory holding the four MNIST IDX files.")
+
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir: Path) -> Dataset:
+    """The full real MNIST dataset: 60,000 train and 10,000 test digits."""
+    return read_idx_directory(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist: Dataset) -> Dataset:
+    """A real subset: the first 3,000 train and 500 test digits."""
+    return Dataset(mnist.x_train[:3000], mnist.y_train[:3000],
+                   mnist.x_test[:500], mnist.y_test[:500])
+
+
+def dataset_bytes(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    save_dataset(buffer, *dataset)
+
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def small_mnist_npz(small_mnist: Dataset) -> bytes:
+    return dataset_bytes(small_mnist)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and region, so nothing can reach real AWS."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "POWERTOOLS_METRICS_NAMESPACE": "MnistPipelineTests",
+        "POWERTOOLS_SERVICE_NAME": "mnist-pipeline",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def aws(aws_env: None):
+    """moto's in-process AWS with the pipeline bucket created."""
+    from moto import mock_aws
+
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        yield
+
+
+def s3_event(name: str, key: str | None = None, etag: str | None = None,
+             size: int | None = None, bucket: str = BUCKET) -> dict:
+    """Load a stored S3 event and set its object; ``key`` is given URL-encoded."""
+    event = json.loads((EVENTS_DIR / name).read_text())
+    record = event["Records"][0]
+    record["s3"]["bucket"]["name"] = bucket
+    record["s3"]["bucket"]["arn"] = f"arn:aws:s3:::{bucket}"
+    if key is not None:
+        record["s3"]["object"]["key"] = key
+    if etag is not None:
+        record["s3"]["object"]["eTag"] = etag
+    if size is not None:
+        record["s3"]["object"]["size"] = size
+
+    return copy.deepcopy(event)
+
+
+class FakeLambdaContext:
+    function_name = "test-function"
+    memory_limit_in_mb = 1024
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test-function"
+    aws_request_id = "00000000-0000-0000-0000-000000000000"
+    function_version = "$LATEST"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 120_000
+
+
+@pytest.fixture
+def lambda_context() -> FakeLambdaContext:
+    return FakeLambdaContext()
+
+
+@pytest.fixture(scope="session")
+def trained(small_mnist: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A CNN trained for 2 epochs on real digits, exported like the trainer does."""
+    from mnist_trainer.export import export_tflite, select_smoke_digits
+    from mnist_trainer.model import train_and_evaluate
+
+    result = train_and_evaluate(small_mnist, epochs=2, verbose=0)
+    tflite, _ = export_tflite(result.model, small_mnist.x_test)
+    images, labels = select_smoke_digits(result.model, small_mnist.x_test,
+                                         small_mnist.y_test)
+    smoke = io.BytesIO()
+    np.savez_compressed(smoke, images=images, labels=labels)
+
+    return {"result": result, "tflite": tflite, "smoke": smoke.getvalue()}
