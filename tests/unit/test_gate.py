@@ -1,0 +1,249 @@
+import boto3
+import pytest
+
+from mnist_pipeline import instances, keys
+from mnist_pipeline.records import (
+    Decision,
+    RunRecord,
+    RunStatus,
+    ServerReady,
+    ServingPointer,
+    TrainMeta,
+    utc_now,
+)
+from mnist_pipeline.store import PipelineStore
+from tests.conftest import BUCKET, REGION, s3_event
+from tests.functions import load_function
+
+RUN_ID = "20261204T150000Z-1a2b3c4d"
+OLD_RUN_ID = "20261201T090000Z-99999999"
+
+
+@pytest.fixture
+def ec2(aws):
+    return boto3.client("ec2", region_name=REGION)
+
+
+@pytest.fixture
+def store(aws):
+    return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
+
+
+def launch_template(ec2, name):
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return ec2.create_launch_template(
+        LaunchTemplateName=name,
+        LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.small"},
+    )["LaunchTemplate"]["LaunchTemplateId"]
+
+
+@pytest.fixture
+def gate(ec2, monkeypatch):
+    monkeypatch.setenv("BUCKET_NAME", BUCKET)
+    monkeypatch.setenv("SERVER_LAUNCH_TEMPLATE_ID", launch_template(ec2, "server"))
+    monkeypatch.setenv("STACK_NAME", "test-stack")
+    monkeypatch.setenv("ACCURACY_THRESHOLD", "0.95")
+    monkeypatch.setenv("ACCURACY_TOLERANCE", "0.005")
+
+    return load_function("gate")
+
+
+def start(ec2, role, run_id):
+    template = launch_template(ec2, f"{role}-{run_id}")
+    return instances.start_instance(ec2, template, role, "test-stack",
+                                    {instances.RUN_ID_TAG: run_id}, f"{role}-{run_id}")
+
+
+def state(ec2, instance_id):
+    [reservation] = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return reservation["Instances"][0]["State"]["Name"]
+
+
+def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
+    """Store a run whose trainer is running and has just written its meta."""
+    trainer_id = start(ec2, instances.TRAINER_ROLE, run_id)
+    now = utc_now()
+    store.put_run(RunRecord(run_id=run_id, status=RunStatus.TRAINING,
+                            data_key="data/mnist.npz", data_etag="abc", created_at=now,
+                            updated_at=now, trainer_instance_id=trainer_id))
+    store.put_train_meta(TrainMeta(
+        run_id=run_id, status=status, data_key="data/mnist.npz", data_etag="abc",
+        started_at=now, finished_at=now, instance_id=trainer_id,
+        test_accuracy=accuracy if status == "succeeded" else None,
+        error=None if status == "succeeded" else "RuntimeError: out of memory",
+    ))
+    return trainer_id
+
+
+def serving(store, ec2, accuracy):
+    """Store a model that is already serving, with its server running."""
+    server_id = start(ec2, instances.SERVER_ROLE, OLD_RUN_ID)
+    store.put_serving(ServingPointer(model_version=OLD_RUN_ID, test_accuracy=accuracy,
+                                     instance_id=server_id, url="http://old:8000",
+                                     since=utc_now()))
+    return server_id
+
+
+def meta_event(run_id=RUN_ID):
+    return s3_event("gate_training_finished.json", key=keys.train_meta(run_id))
+
+
+def servers(ec2):
+    reservations = ec2.describe_instances(Filters=[
+        {"Name": f"tag:{instances.ROLE_TAG}", "Values": [instances.SERVER_ROLE]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]},
+    ])["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def test_first_good_model_is_promoted(gate, store, ec2, lambda_context):
+    trainer_id = training_run(store, ec2, accuracy=0.99)
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    run = store.get_run(RUN_ID)
+    [server] = servers(ec2)
+    tags = instances.tags_of(server)
+    assert state(ec2, trainer_id) == "terminated"
+    assert run.status == RunStatus.PROMOTING
+    assert run.decision == Decision.PROMOTE
+    assert run.test_accuracy == 0.99
+    assert run.serving_test_accuracy is None
+    assert run.server_instance_id == server["InstanceId"]
+    assert tags[instances.MODEL_VERSION_TAG] == RUN_ID
+    assert "no model is serving yet" in run.reason
+
+
+def test_model_below_threshold_is_not_promoted(gate, store, ec2, lambda_context):
+    trainer_id = training_run(store, ec2, accuracy=0.90)
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    run = store.get_run(RUN_ID)
+    assert state(ec2, trainer_id) == "terminated"
+    assert run.status == RunStatus.NOT_PROMOTED
+    assert run.decision == Decision.REJECT
+    assert "below the threshold 0.9500" in run.reason
+    assert servers(ec2) == []
+
+
+def test_worse_model_leaves_server_untouched(gate, store, ec2, lambda_context):
+    old_server = serving(store, ec2, accuracy=0.995)
+    training_run(store, ec2, accuracy=0.985)
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    run = store.get_run(RUN_ID)
+    assert run.status == RunStatus.NOT_PROMOTED
+    assert run.serving_version == OLD_RUN_ID
+    assert run.serving_test_accuracy == 0.995
+    assert "worse than the serving model's 0.9950" in run.reason
+    assert [s["InstanceId"] for s in servers(ec2)] == [old_server]
+    assert store.get_serving().model_version == OLD_RUN_ID
+
+
+def test_model_within_tolerance_is_promoted(gate, store, ec2, lambda_context):
+    serving(store, ec2, accuracy=0.992)
+    training_run(store, ec2, accuracy=0.990)
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    assert store.get_run(RUN_ID).status == RunStatus.PROMOTING
+    assert len(servers(ec2)) == 2
+
+
+def test_failed_training_terminates_trainer(gate, store, ec2, lambda_context):
+    trainer_id = training_run(store, ec2, status="failed")
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    run = store.get_run(RUN_ID)
+    assert state(ec2, trainer_id) == "terminated"
+    assert run.status == RunStatus.FAILED
+    assert "out of memory" in run.reason
+    assert servers(ec2) == []
+
+
+def test_duplicate_meta_event_starts_one_server(gate, store, ec2, lambda_context):
+    training_run(store, ec2)
+
+    for _ in range(3):
+        gate.lambda_handler(meta_event(), lambda_context)
+
+    assert len(servers(ec2)) == 1
+
+
+def test_meta_of_unknown_run_is_ignored(gate, store, ec2, lambda_context):
+    other_trainer = start(ec2, instances.TRAINER_ROLE, "other")
+    store.s3.put_object(Bucket=BUCKET, Key=keys.train_meta(RUN_ID), Body=b"{}")
+
+    result = gate.lambda_handler(meta_event(), lambda_context)
+
+    assert result == {"runs": []}
+    assert state(ec2, other_trainer) == "running"
+
+
+def test_malformed_meta_is_ignored(gate, store, ec2, lambda_context):
+    trainer_id = training_run(store, ec2)
+    store.s3.put_object(Bucket=BUCKET, Key=keys.train_meta(RUN_ID), Body=b"{not json")
+
+    result = gate.lambda_handler(meta_event(), lambda_context)
+
+    assert result == {"runs": []}
+    assert store.get_run(RUN_ID).status == RunStatus.TRAINING
+    assert state(ec2, trainer_id) == "running"
+
+
+def ready(store, ec2, instance_id, run_id=RUN_ID):
+    store.put_server_ready(ServerReady(instance_id=instance_id, model_version=run_id,
+                                       url="http://new:8000", ready_at=utc_now(),
+                                       smoke_correct=20, smoke_total=20))
+    return s3_event("gate_server_ready.json", key=keys.server_ready(instance_id))
+
+
+def test_ready_server_takes_over_and_old_one_ends(gate, store, ec2, lambda_context):
+    old_server = serving(store, ec2, accuracy=0.99)
+    training_run(store, ec2, accuracy=0.991)
+    gate.lambda_handler(meta_event(), lambda_context)
+    new_server = store.get_run(RUN_ID).server_instance_id
+    # The old server keeps serving until the new one reports ready.
+    assert state(ec2, old_server) == "running"
+
+    gate.lambda_handler(ready(store, ec2, new_server), lambda_context)
+
+    pointer = store.get_serving()
+    run = store.get_run(RUN_ID)
+    assert pointer.model_version == RUN_ID
+    assert pointer.instance_id == new_server
+    assert pointer.url == "http://new:8000"
+    assert pointer.previous_version == OLD_RUN_ID
+    assert run.status == RunStatus.PROMOTED
+    assert state(ec2, old_server) == "terminated"
+    assert state(ec2, new_server) == "running"
+
+
+def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_context):
+    old_server = serving(store, ec2, accuracy=0.99)
+    training_run(store, ec2)
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    result = gate.lambda_handler(ready(store, ec2, "i-0000000000000dead"), lambda_context)
+
+    assert result == {"runs": []}
+    assert store.get_serving().model_version == OLD_RUN_ID
+    assert state(ec2, old_server) == "running"
+
+
+@pytest.mark.parametrize(("accuracy", "serving_accuracy", "expected"), [
+    (0.96, None, Decision.PROMOTE),
+    (0.95, None, Decision.PROMOTE),
+    (0.9499, None, Decision.REJECT),
+    (0.990, 0.994, Decision.PROMOTE),
+    (0.989, 0.995, Decision.REJECT),
+    (0.999, 0.990, Decision.PROMOTE),
+])
+def test_decide_table(gate, accuracy, serving_accuracy, expected):
+    decision, reason = gate.decide(accuracy, serving_accuracy, 0.95, 0.005)
+
+    assert decision == expected
+    assert f"{accuracy:.4f}" in reason
