@@ -1,0 +1,101 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_server.preprocess import InvalidImageError, preprocess, to_mnist
+
+
+def encode(image: Image.Image, format="PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def as_user_photo(digit: np.ndarray, size=280, offset=(30, -40)) -> Image.Image:
+    """Render an MNIST digit as a user would send it: black on white, large, off-centre."""
+    ink = Image.fromarray(255 - digit).resize((size // 2, size // 2), Image.BICUBIC)
+    paper = Image.new("L", (size, size), 255)
+    paper.paste(ink, (size // 4 + offset[0], size // 4 + offset[1]))
+    return paper
+
+
+def center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    total = image.sum()
+    rows, cols = np.indices(image.shape)
+    return (rows * image).sum() / total, (cols * image).sum() / total
+
+
+def test_mnist_digit_keeps_shape_and_centre(small_mnist):
+    for digit in small_mnist.x_test[:20]:
+        result = to_mnist(Image.fromarray(digit))
+
+        assert result.shape == (28, 28)
+        assert result.dtype == np.uint8
+        row, col = center_of_mass(result.astype(float))
+        assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5
+        # The digit already fits MNIST's box and centre, so it stays put;
+        # only stretching the brightest ink to 255 changes levels slightly.
+        assert np.abs(result.astype(int) - digit.astype(int)).max() <= 3
+
+
+def test_user_photo_becomes_mnist_like(small_mnist):
+    digit = small_mnist.x_test[0]
+    photo = as_user_photo(digit)
+
+    result = preprocess(encode(photo.convert("RGB"), "JPEG", quality=90))
+
+    row, col = center_of_mass(result.astype(float))
+    assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5
+    assert result[0].max() == 0 and result[:, 0].max() == 0  # dark background
+    rows = np.flatnonzero(result.max(axis=1) > 25)
+    cols = np.flatnonzero(result.max(axis=0) > 25)
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (19, 20, 21)
+
+
+def test_transparent_background_is_composited(small_mnist):
+    digit = small_mnist.x_test[1]
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = digit  # black ink, transparency elsewhere
+
+    result = preprocess(encode(Image.fromarray(rgba, "RGBA")))
+
+    assert result.max() == 255
+    assert result[0].max() == 0
+
+
+def test_sixteen_bit_image_is_scaled(small_mnist):
+    digit16 = small_mnist.x_test[2].astype(np.uint16) * 257
+
+    result = preprocess(encode(Image.fromarray(digit16)))
+    reference = preprocess(encode(Image.fromarray(small_mnist.x_test[2])))
+
+    assert np.abs(result.astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_exif_rotation_is_applied(small_mnist):
+    photo = as_user_photo(small_mnist.x_test[3]).convert("RGB")
+    rotated = photo.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera's frame, rotated 90 degrees clockwise to display
+
+    result = preprocess(encode(rotated, "JPEG", exif=exif.tobytes()))
+    reference = preprocess(encode(photo, "JPEG"))
+
+    assert np.abs(result.astype(int) - reference.astype(int)).mean() < 12
+
+
+@pytest.mark.parametrize("size", [12000, 20000])
+def test_decompression_bomb_is_refused(size):
+    bomb = encode(Image.new("1", (size, size)))
+
+    with pytest.raises(InvalidImageError, match="pixels.* limit of 25000000"):
+        preprocess(bomb)
+
+
+def test_truncated_image_is_refused(small_mnist):
+    data = encode(as_user_photo(small_mnist.x_test[0]))
+
+    with pytest.raises(InvalidImageError, match="truncated or corrupt"):
+        preprocess(data[: len(data) // 2])
