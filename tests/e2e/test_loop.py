@@ -1,0 +1,129 @@
+"""The whole retraining loop on the local cloud, with real MNIST.
+
+moto's server plays AWS; the launcher and gate run as Lambda invocations in
+their own processes, and each EC2 instance is a local trainer or server
+process. Only the endpoint URL differs from AWS.
+"""
+
+import io
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mnist_pipeline import instances
+from mnist_pipeline.cli import upload_dataset, wait_for_run
+from mnist_pipeline.localcloud import LocalCloud
+from mnist_pipeline.localcloud.runner import free_port
+from mnist_pipeline.records import RunStatus
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+RUN_TIMEOUT_SECONDS = 900
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    local = LocalCloud(
+        ROOT,
+        port=free_port(),
+        state_dir=tmp_path_factory.mktemp("localcloud"),
+        parameter_overrides={"TrainingEpochs": "1"},
+    )
+    with local:
+        yield local
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def instance_states(cloud) -> dict[str, str]:
+    reservations = cloud.client("ec2").describe_instances()["Reservations"]
+    return {
+        instance["InstanceId"]: instance["State"]["Name"]
+        for reservation in reservations
+        for instance in reservation["Instances"]
+    }
+
+
+def wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_upload_trains_gates_and_serves(cloud, mnist):
+    store = cloud.store
+
+    # GIVEN the full real MNIST uploaded, WHEN the loop runs on its own
+    key, etag = upload_dataset(store, mnist, "mnist", progress=False)
+    run = wait_for_run(store, key, etag, timeout=RUN_TIMEOUT_SECONDS)
+
+    # THEN the model trained on 60,000 digits is promoted and serving
+    assert run.status == RunStatus.PROMOTED, run.reason
+    meta = store.get_train_meta(run.run_id)
+    assert meta.succeeded
+    assert run.train_size == 60000
+    assert meta.test_accuracy >= 0.97
+    serving = store.get_serving()
+    assert serving.model_version == run.run_id
+
+    # AND the trainer instance is terminated, with no trainer process left
+    assert wait_until(lambda: instance_states(cloud)[run.trainer_instance_id]
+                      == "terminated")
+    assert cloud.runner.running(instances.TRAINER_ROLE) == []
+
+    # AND 100 real test digits sent over HTTP come back right
+    health = requests.get(f"{serving.url}/health", timeout=10).json()
+    assert health == {"status": "ok", "model_version": run.run_id}
+    correct = 0
+    with requests.Session() as session:
+        for image, label in zip(mnist.x_test[:100], mnist.y_test[:100], strict=True):
+            response = session.post(f"{serving.url}/predict",
+                                    files={"file": ("digit.png", png(image))}, timeout=10)
+            assert response.status_code == 200
+            correct += response.json()["digit"] == label
+    assert correct >= 97
+
+
+def test_broken_upload_starts_no_instance(cloud):
+    store = cloud.store
+    before = instance_states(cloud)
+
+    store.s3.put_object(Bucket=store.bucket, Key="data/broken.npz",
+                        Body=b"PK\x03\x04 this archive ends here")
+    etag = store.s3.head_object(Bucket=store.bucket, Key="data/broken.npz")["ETag"]
+    run = wait_for_run(store, "data/broken.npz", etag.strip('"'), timeout=120)
+
+    assert run.status == RunStatus.REJECTED
+    assert "not a readable .npz archive" in run.reason
+    assert run.trainer_instance_id is None
+    assert instance_states(cloud) == before
+
+
+def test_retraining_replaces_the_server(cloud, mnist):
+    store = cloud.store
+    old = store.get_serving()
+
+    key, etag = upload_dataset(store, mnist, "mnist-again", progress=False)
+    run = wait_for_run(store, key, etag, timeout=RUN_TIMEOUT_SECONDS)
+
+    assert run.status == RunStatus.PROMOTED, run.reason
+    assert run.serving_version == old.model_version
+    new = store.get_serving()
+    assert new.model_version == run.run_id
+    assert new.previous_version == old.model_version
+    assert wait_until(lambda: instance_states(cloud)[old.instance_id] == "terminated")
+    assert requests.get(f"{new.url}/health", timeout=10).json()["model_version"] == (
+        run.run_id)
+    assert [server.instance_id for server in cloud.runner.running(
+        instances.SERVER_ROLE)] == [new.instance_id]
