@@ -42,8 +42,12 @@ def mnist(mnist_dir: Path) -> Dataset:
 @pytest.fixture(scope="session")
 def small_mnist(mnist: Dataset) -> Dataset:
     """A real subset: the first 3,000 train and 500 test digits."""
-    return Dataset(mnist.x_train[:3000], mnist.y_train[:3000],
-                   mnist.x_test[:500], mnist.y_test[:500])
+    return Dataset(
+        mnist.x_train[:3000],
+        mnist.y_train[:3000],
+        mnist.x_test[:500],
+        mnist.y_test[:500],
+    )
 
 
 def dataset_bytes(dataset: Dataset) -> bytes:
@@ -87,8 +91,13 @@ def aws(aws_env: None):
         yield
 
 
-def s3_event(name: str, key: str | None = None, etag: str | None = None,
-             size: int | None = None, bucket: str = BUCKET) -> dict:
+def s3_event(
+    name: str,
+    key: str | None = None,
+    etag: str | None = None,
+    size: int | None = None,
+    bucket: str = BUCKET,
+) -> dict:
     """Load a stored S3 event and set its object; ``key`` is given URL-encoded."""
     event = json.loads((EVENTS_DIR / name).read_text())
     record = event["Records"][0]
@@ -107,7 +116,9 @@ def s3_event(name: str, key: str | None = None, etag: str | None = None,
 class FakeLambdaContext:
     function_name = "test-function"
     memory_limit_in_mb = 1024
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test-function"
+    invoked_function_arn = (
+        "arn:aws:lambda:us-east-1:123456789012:function:test-function"
+    )
     aws_request_id = "00000000-0000-0000-0000-000000000000"
     function_version = "$LATEST"
 
@@ -128,8 +139,9 @@ def trained(small_mnist: Dataset, tmp_path_factory: pytest.TempPathFactory) -> d
 
     result = train_and_evaluate(small_mnist, epochs=2, verbose=0)
     tflite, _ = export_tflite(result.model, small_mnist.x_test)
-    images, labels = select_smoke_digits(result.model, small_mnist.x_test,
-                                         small_mnist.y_test)
+    images, labels = select_smoke_digits(
+        result.model, small_mnist.x_test, small_mnist.y_test
+    )
     smoke = io.BytesIO()
     np.savez_compressed(smoke, images=images, labels=labels)
 

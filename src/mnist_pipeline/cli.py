@@ -191,9 +191,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     )
     key, etag = upload_dataset(store, dataset, name, progress=not args.quiet)
     print(f"Uploaded s3://{store.bucket}/{key} (ETag {etag}).")
-    print(
-        "The launcher starts a training run for it; follow it with `mnist-pipeline status`."
-    )
+    print("The launcher starts a training run for it; follow it with")
+    print("`mnist-pipeline status`.")
 
     return 0
 

@@ -78,8 +78,9 @@ def test_upload_trains_gates_and_serves(cloud, mnist):
     assert serving.model_version == run.run_id
 
     # AND the trainer instance is terminated, with no trainer process left
-    assert wait_until(lambda: instance_states(cloud)[run.trainer_instance_id]
-                      == "terminated")
+    assert wait_until(
+        lambda: instance_states(cloud)[run.trainer_instance_id] == "terminated"
+    )
     assert cloud.runner.running(instances.TRAINER_ROLE) == []
 
     # AND 100 real test digits sent over HTTP come back right
@@ -88,8 +89,11 @@ def test_upload_trains_gates_and_serves(cloud, mnist):
     correct = 0
     with requests.Session() as session:
         for image, label in zip(mnist.x_test[:100], mnist.y_test[:100], strict=True):
-            response = session.post(f"{serving.url}/predict",
-                                    files={"file": ("digit.png", png(image))}, timeout=10)
+            response = session.post(
+                f"{serving.url}/predict",
+                files={"file": ("digit.png", png(image))},
+                timeout=10,
+            )
             assert response.status_code == 200
             correct += response.json()["digit"] == label
     assert correct >= 97
@@ -99,8 +103,11 @@ def test_broken_upload_starts_no_instance(cloud):
     store = cloud.store
     before = instance_states(cloud)
 
-    store.s3.put_object(Bucket=store.bucket, Key="data/broken.npz",
-                        Body=b"PK\x03\x04 this archive ends here")
+    store.s3.put_object(
+        Bucket=store.bucket,
+        Key="data/broken.npz",
+        Body=b"PK\x03\x04 this archive ends here",
+    )
     etag = store.s3.head_object(Bucket=store.bucket, Key="data/broken.npz")["ETag"]
     run = wait_for_run(store, "data/broken.npz", etag.strip('"'), timeout=120)
 
@@ -124,6 +131,8 @@ def test_retraining_replaces_the_server(cloud, mnist):
     assert new.previous_version == old.model_version
     assert wait_until(lambda: instance_states(cloud)[old.instance_id] == "terminated")
     assert requests.get(f"{new.url}/health", timeout=10).json()["model_version"] == (
-        run.run_id)
-    assert [server.instance_id for server in cloud.runner.running(
-        instances.SERVER_ROLE)] == [new.instance_id]
+        run.run_id
+    )
+    assert [
+        server.instance_id for server in cloud.runner.running(instances.SERVER_ROLE)
+    ] == [new.instance_id]

@@ -65,30 +65,43 @@ def replace(name, value):
 
 BAD_DATASETS = {
     "object array": (
-        replace("y_train", np.array([object()] * 1200, dtype=object)), "object and pickled"
+        replace("y_train", np.array([object()] * 1200, dtype=object)),
+        "object and pickled",
     ),
     "float images": (
-        replace("x_train", np.zeros((1200, 28, 28), np.float32)), "expected uint8"
+        replace("x_train", np.zeros((1200, 28, 28), np.float32)),
+        "expected uint8",
     ),
     "int64 labels": (replace("y_test", np.zeros(200, np.int64)), "expected uint8"),
     "wrong image size": (
-        replace("x_train", np.zeros((1200, 32, 32), np.uint8)), "32x32 pixels"
+        replace("x_train", np.zeros((1200, 32, 32), np.uint8)),
+        "32x32 pixels",
     ),
     "flat images": (replace("x_test", np.zeros((200, 784), np.uint8)), "3 dimensions"),
     "label out of range": (
-        replace("y_train", np.full(1200, 10, np.uint8)), "outside 0-9"
+        replace("y_train", np.full(1200, 10, np.uint8)),
+        "outside 0-9",
     ),
     "count mismatch": (replace("y_train", np.zeros(1100, np.uint8)), "1100 labels"),
     "tiny train split": (
-        {**make_arrays(), "x_train": np.zeros((50, 28, 28), np.uint8),
-         "y_train": np.zeros(50, np.uint8)}, "fewer than 1000",
+        {
+            **make_arrays(),
+            "x_train": np.zeros((50, 28, 28), np.uint8),
+            "y_train": np.zeros(50, np.uint8),
+        },
+        "fewer than 1000",
     ),
     "empty test split": (
-        {**make_arrays(), "x_test": np.zeros((0, 28, 28), np.uint8),
-         "y_test": np.zeros(0, np.uint8)}, "fewer than 100",
+        {
+            **make_arrays(),
+            "x_test": np.zeros((0, 28, 28), np.uint8),
+            "y_test": np.zeros(0, np.uint8),
+        },
+        "fewer than 100",
     ),
     "fortran order": (
-        replace("x_train", np.asfortranarray(make_arrays()["x_train"])), "Fortran"
+        replace("x_train", np.asfortranarray(make_arrays()["x_train"])),
+        "Fortran",
     ),
 }
 
@@ -145,7 +158,9 @@ def test_check_rejects_short_member():
     with zipfile.ZipFile(good) as source, zipfile.ZipFile(buffer, "w") as target:
         for info in source.infolist():
             body = source.read(info)
-            target.writestr(info.filename, body[:-100] if "x_train" in info.filename else body)
+            target.writestr(
+                info.filename, body[:-100] if "x_train" in info.filename else body
+            )
     buffer.seek(0)
 
     with pytest.raises(InvalidDatasetError, match="bytes of data"):

@@ -50,8 +50,14 @@ def gate(ec2, monkeypatch):
 
 def start(ec2, role, run_id):
     template = launch_template(ec2, f"{role}-{run_id}")
-    return instances.start_instance(ec2, template, role, "test-stack",
-                                    {instances.RUN_ID_TAG: run_id}, f"{role}-{run_id}")
+    return instances.start_instance(
+        ec2,
+        template,
+        role,
+        "test-stack",
+        {instances.RUN_ID_TAG: run_id},
+        f"{role}-{run_id}",
+    )
 
 
 def state(ec2, instance_id):
@@ -63,24 +69,45 @@ def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
     """Store a run whose trainer is running and has just written its meta."""
     trainer_id = start(ec2, instances.TRAINER_ROLE, run_id)
     now = utc_now()
-    store.put_run(RunRecord(run_id=run_id, status=RunStatus.TRAINING,
-                            data_key="data/mnist.npz", data_etag="abc", created_at=now,
-                            updated_at=now, trainer_instance_id=trainer_id))
-    store.put_train_meta(TrainMeta(
-        run_id=run_id, status=status, data_key="data/mnist.npz", data_etag="abc",
-        started_at=now, finished_at=now, instance_id=trainer_id,
-        test_accuracy=accuracy if status == "succeeded" else None,
-        error=None if status == "succeeded" else "RuntimeError: out of memory",
-    ))
+    store.put_run(
+        RunRecord(
+            run_id=run_id,
+            status=RunStatus.TRAINING,
+            data_key="data/mnist.npz",
+            data_etag="abc",
+            created_at=now,
+            updated_at=now,
+            trainer_instance_id=trainer_id,
+        )
+    )
+    store.put_train_meta(
+        TrainMeta(
+            run_id=run_id,
+            status=status,
+            data_key="data/mnist.npz",
+            data_etag="abc",
+            started_at=now,
+            finished_at=now,
+            instance_id=trainer_id,
+            test_accuracy=accuracy if status == "succeeded" else None,
+            error=None if status == "succeeded" else "RuntimeError: out of memory",
+        )
+    )
     return trainer_id
 
 
 def serving(store, ec2, accuracy):
     """Store a model that is already serving, with its server running."""
     server_id = start(ec2, instances.SERVER_ROLE, OLD_RUN_ID)
-    store.put_serving(ServingPointer(model_version=OLD_RUN_ID, test_accuracy=accuracy,
-                                     instance_id=server_id, url="http://old:8000",
-                                     since=utc_now()))
+    store.put_serving(
+        ServingPointer(
+            model_version=OLD_RUN_ID,
+            test_accuracy=accuracy,
+            instance_id=server_id,
+            url="http://old:8000",
+            since=utc_now(),
+        )
+    )
     return server_id
 
 
@@ -89,10 +116,12 @@ def meta_event(run_id=RUN_ID):
 
 
 def servers(ec2):
-    reservations = ec2.describe_instances(Filters=[
-        {"Name": f"tag:{instances.ROLE_TAG}", "Values": [instances.SERVER_ROLE]},
-        {"Name": "instance-state-name", "Values": ["pending", "running"]},
-    ])["Reservations"]
+    reservations = ec2.describe_instances(
+        Filters=[
+            {"Name": f"tag:{instances.ROLE_TAG}", "Values": [instances.SERVER_ROLE]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+    )["Reservations"]
     return [i for r in reservations for i in r["Instances"]]
 
 
@@ -195,9 +224,16 @@ def test_malformed_meta_is_ignored(gate, store, ec2, lambda_context):
 
 
 def ready(store, ec2, instance_id, run_id=RUN_ID):
-    store.put_server_ready(ServerReady(instance_id=instance_id, model_version=run_id,
-                                       url="http://new:8000", ready_at=utc_now(),
-                                       smoke_correct=20, smoke_total=20))
+    store.put_server_ready(
+        ServerReady(
+            instance_id=instance_id,
+            model_version=run_id,
+            url="http://new:8000",
+            ready_at=utc_now(),
+            smoke_correct=20,
+            smoke_total=20,
+        )
+    )
     return s3_event("gate_server_ready.json", key=keys.server_ready(instance_id))
 
 
@@ -227,21 +263,26 @@ def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_cont
     training_run(store, ec2)
     gate.lambda_handler(meta_event(), lambda_context)
 
-    result = gate.lambda_handler(ready(store, ec2, "i-0000000000000dead"), lambda_context)
+    result = gate.lambda_handler(
+        ready(store, ec2, "i-0000000000000dead"), lambda_context
+    )
 
     assert result == {"runs": []}
     assert store.get_serving().model_version == OLD_RUN_ID
     assert state(ec2, old_server) == "running"
 
 
-@pytest.mark.parametrize(("accuracy", "serving_accuracy", "expected"), [
-    (0.96, None, Decision.PROMOTE),
-    (0.95, None, Decision.PROMOTE),
-    (0.9499, None, Decision.REJECT),
-    (0.990, 0.994, Decision.PROMOTE),
-    (0.989, 0.995, Decision.REJECT),
-    (0.999, 0.990, Decision.PROMOTE),
-])
+@pytest.mark.parametrize(
+    ("accuracy", "serving_accuracy", "expected"),
+    [
+        (0.96, None, Decision.PROMOTE),
+        (0.95, None, Decision.PROMOTE),
+        (0.9499, None, Decision.REJECT),
+        (0.990, 0.994, Decision.PROMOTE),
+        (0.989, 0.995, Decision.REJECT),
+        (0.999, 0.990, Decision.PROMOTE),
+    ],
+)
 def test_decide_table(gate, accuracy, serving_accuracy, expected):
     decision, reason = gate.decide(accuracy, serving_accuracy, 0.95, 0.005)
 

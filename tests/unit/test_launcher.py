@@ -34,8 +34,9 @@ def put(key: str, body: bytes) -> dict:
     s3.put_object(Bucket=BUCKET, Key=key, Body=body)
     etag = s3.head_object(Bucket=BUCKET, Key=key)["ETag"].strip('"')
 
-    return s3_event("launcher_dataset_uploaded.json", key=quote_plus(key),
-                    etag=etag, size=len(body))
+    return s3_event(
+        "launcher_dataset_uploaded.json", key=quote_plus(key), etag=etag, size=len(body)
+    )
 
 
 def trainer_instances() -> list[dict]:
@@ -50,7 +51,9 @@ def runs() -> list[RunRecord]:
     return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET).list_runs()
 
 
-def test_valid_upload_starts_one_tagged_trainer(launcher, lambda_context, small_mnist_npz):
+def test_valid_upload_starts_one_tagged_trainer(
+    launcher, lambda_context, small_mnist_npz
+):
     # GIVEN a real MNIST subset uploaded under data/
     event = put("data/mnist.npz", small_mnist_npz)
 
@@ -78,8 +81,11 @@ def test_stored_event_key_is_url_decoded(launcher, lambda_context, small_mnist_n
     s3 = boto3.client("s3", region_name=REGION)
     s3.put_object(Bucket=BUCKET, Key="data/mnist 2026-12-04.npz", Body=small_mnist_npz)
     etag = s3.head_object(Bucket=BUCKET, Key="data/mnist 2026-12-04.npz")["ETag"]
-    event = s3_event("launcher_dataset_uploaded.json", etag=etag.strip('"'),
-                     size=len(small_mnist_npz))
+    event = s3_event(
+        "launcher_dataset_uploaded.json",
+        etag=etag.strip('"'),
+        size=len(small_mnist_npz),
+    )
 
     launcher.lambda_handler(event, lambda_context)
 
@@ -88,8 +94,10 @@ def test_stored_event_key_is_url_decoded(launcher, lambda_context, small_mnist_n
     assert run.status == RunStatus.TRAINING
 
 
-@pytest.mark.parametrize("key", ["data/plus+sign.npz", "data/ünïcödé digits.npz",
-                                 "data/sub folder/set (1).npz"])
+@pytest.mark.parametrize(
+    "key",
+    ["data/plus+sign.npz", "data/ünïcödé digits.npz", "data/sub folder/set (1).npz"],
+)
 def test_unusual_keys_start_runs(launcher, lambda_context, small_mnist_npz, key):
     launcher.lambda_handler(put(key, small_mnist_npz), lambda_context)
 
@@ -98,11 +106,16 @@ def test_unusual_keys_start_runs(launcher, lambda_context, small_mnist_npz, key)
     assert len(trainer_instances()) == 1
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"", "not a readable .npz"),
-    (b"definitely not numpy", "not a readable .npz"),
-])
-def test_bad_upload_is_rejected_without_instance(launcher, lambda_context, body, reason):
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "not a readable .npz"),
+        (b"definitely not numpy", "not a readable .npz"),
+    ],
+)
+def test_bad_upload_is_rejected_without_instance(
+    launcher, lambda_context, body, reason
+):
     launcher.lambda_handler(put("data/bad.npz", body), lambda_context)
 
     [run] = runs()
@@ -115,9 +128,13 @@ def test_wrong_arrays_are_rejected_with_reason(launcher, lambda_context):
     import numpy as np
 
     buffer = io.BytesIO()
-    np.savez(buffer, x_train=np.zeros((2000, 28, 28), np.float64),
-             y_train=np.zeros(2000, np.uint8), x_test=np.zeros((200, 28, 28), np.uint8),
-             y_test=np.zeros(200, np.uint8))
+    np.savez(
+        buffer,
+        x_train=np.zeros((2000, 28, 28), np.float64),
+        y_train=np.zeros(2000, np.uint8),
+        x_test=np.zeros((200, 28, 28), np.uint8),
+        y_test=np.zeros(200, np.uint8),
+    )
 
     launcher.lambda_handler(put("data/floats.npz", buffer.getvalue()), lambda_context)
 
@@ -144,7 +161,9 @@ def test_duplicate_events_start_one_trainer(launcher, lambda_context, small_mnis
     assert len(trainer_instances()) == 1
 
 
-def test_event_during_unfinished_claim_raises(launcher, lambda_context, small_mnist_npz):
+def test_event_during_unfinished_claim_raises(
+    launcher, lambda_context, small_mnist_npz
+):
     # GIVEN another invocation that claimed the upload moments ago
     event = put("data/mnist.npz", small_mnist_npz)
     etag = event["Records"][0]["s3"]["object"]["eTag"]
@@ -163,9 +182,14 @@ def test_stale_claim_is_taken_over(launcher, lambda_context, small_mnist_npz):
     etag = event["Records"][0]["s3"]["object"]["eTag"]
     s3 = boto3.client("s3", region_name=REGION)
     s3.put_object(
-        Bucket=BUCKET, Key=keys.upload_lock("data/mnist.npz", etag),
-        Body=json.dumps({"run_id": "20261204T150000Z-aaaaaaaa",
-                         "created_at": "2026-12-04T15:00:00Z"}).encode(),
+        Bucket=BUCKET,
+        Key=keys.upload_lock("data/mnist.npz", etag),
+        Body=json.dumps(
+            {
+                "run_id": "20261204T150000Z-aaaaaaaa",
+                "created_at": "2026-12-04T15:00:00Z",
+            }
+        ).encode(),
     )
 
     launcher.lambda_handler(event, lambda_context)
@@ -179,7 +203,8 @@ def test_overwritten_object_is_not_trained(launcher, lambda_context, small_mnist
     # GIVEN an event for a version that was replaced before the launcher ran
     event = put("data/mnist.npz", small_mnist_npz)
     boto3.client("s3", region_name=REGION).put_object(
-        Bucket=BUCKET, Key="data/mnist.npz", Body=small_mnist_npz + b"x")
+        Bucket=BUCKET, Key="data/mnist.npz", Body=small_mnist_npz + b"x"
+    )
 
     launcher.lambda_handler(event, lambda_context)
 
@@ -195,8 +220,10 @@ def test_failed_launch_marks_run_failed_and_raises(
     from botocore.exceptions import ClientError
 
     def no_capacity(**kwargs):
-        raise ClientError({"Error": {"Code": "InsufficientInstanceCapacity",
-                                     "Message": "no g4dn"}}, "RunInstances")
+        raise ClientError(
+            {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no g4dn"}},
+            "RunInstances",
+        )
 
     monkeypatch.setattr(launcher.ec2, "run_instances", no_capacity)
 

@@ -2,9 +2,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from mnist_server.preprocess import InvalidImageError, preprocess, to_mnist
+from PIL import Image
 
 
 def encode(image: Image.Image, format="PNG", **options) -> bytes:
@@ -14,7 +13,7 @@ def encode(image: Image.Image, format="PNG", **options) -> bytes:
 
 
 def as_user_photo(digit: np.ndarray, size=280, offset=(30, -40)) -> Image.Image:
-    """Render an MNIST digit as a user would send it: black on white, large, off-centre."""
+    """Render an MNIST digit as users send theirs: black on white, large, off-centre."""
     ink = Image.fromarray(255 - digit).resize((size // 2, size // 2), Image.BICUBIC)
     paper = Image.new("L", (size, size), 255)
     paper.paste(ink, (size // 4 + offset[0], size // 4 + offset[1]))

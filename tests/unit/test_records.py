@@ -10,8 +10,14 @@ from mnist_pipeline.settings import GateSettings, LauncherSettings
 
 def record(**changes):
     now = utc_now()
-    fields = dict(run_id="20261204T150000Z-1a2b3c4d", status=RunStatus.TRAINING,
-                  data_key="data/x.npz", data_etag="e", created_at=now, updated_at=now)
+    fields = dict(
+        run_id="20261204T150000Z-1a2b3c4d",
+        status=RunStatus.TRAINING,
+        data_key="data/x.npz",
+        data_etag="e",
+        created_at=now,
+        updated_at=now,
+    )
     fields.update(changes)
     return RunRecord(**fields)
 
@@ -37,9 +43,14 @@ def test_missing_field_is_named():
         RunRecord.from_dict(data)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("status", "exploded"), ("test_accuracy", "high"), ("data_size", True),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("status", "exploded"),
+        ("test_accuracy", "high"),
+        ("data_size", True),
+    ],
+)
 def test_wrong_type_is_named(field, value):
     data = json.loads(record().to_json())
     data[field] = value
@@ -54,9 +65,17 @@ def test_meta_rejects_non_object():
 
 
 def test_integer_accuracy_is_accepted_as_float():
-    meta = TrainMeta.from_dict({"run_id": "r", "status": "succeeded", "data_key": "k",
-                                "data_etag": "e", "started_at": "t", "finished_at": "t",
-                                "test_accuracy": 1})
+    meta = TrainMeta.from_dict(
+        {
+            "run_id": "r",
+            "status": "succeeded",
+            "data_key": "k",
+            "data_etag": "e",
+            "started_at": "t",
+            "finished_at": "t",
+            "test_accuracy": 1,
+        }
+    )
     assert meta.test_accuracy == 1.0
 
 
@@ -73,10 +92,18 @@ def test_missing_setting_is_named():
         LauncherSettings.from_env({})
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1.5", "from 0 to 1"), ("x", "from 0 to 1")])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1.5", "from 0 to 1"), ("x", "from 0 to 1")]
+)
 def test_invalid_threshold_is_named(value, expected):
-    environ = {"BUCKET_NAME": "b", "SERVER_LAUNCH_TEMPLATE_ID": "lt", "STACK_NAME": "s",
-               "ACCURACY_THRESHOLD": value}
+    environ = {
+        "BUCKET_NAME": "b",
+        "SERVER_LAUNCH_TEMPLATE_ID": "lt",
+        "STACK_NAME": "s",
+        "ACCURACY_THRESHOLD": value,
+    }
 
-    with pytest.raises(SettingsError, match=f"ACCURACY_THRESHOLD='{value}'.*{expected}"):
+    with pytest.raises(
+        SettingsError, match=f"ACCURACY_THRESHOLD='{value}'.*{expected}"
+    ):
         GateSettings.from_env(environ)

@@ -21,12 +21,17 @@ def test_reads_gzipped_idx_directory(mnist_dir):
 
 def test_reads_uncompressed_idx_directory(mnist_dir, tmp_path):
     for stem in sources.IDX_FILES.values():
-        with gzip.open(mnist_dir / f"{stem}.gz") as src, open(tmp_path / stem, "wb") as dst:
+        with (
+            gzip.open(mnist_dir / f"{stem}.gz") as src,
+            open(tmp_path / stem, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
 
     dataset = sources.read_source(str(tmp_path))
 
-    np.testing.assert_array_equal(dataset.y_test, sources.read_source(str(mnist_dir)).y_test)
+    np.testing.assert_array_equal(
+        dataset.y_test, sources.read_source(str(mnist_dir)).y_test
+    )
 
 
 def test_reads_keras_npz(small_mnist, tmp_path):
@@ -46,7 +51,8 @@ def test_missing_idx_file_names_the_file(mnist_dir, tmp_path):
 
 
 def test_truncated_idx_file_is_reported(mnist_dir, tmp_path):
-    data = gzip.open(mnist_dir / "t10k-labels-idx1-ubyte.gz").read()
+    with gzip.open(mnist_dir / "t10k-labels-idx1-ubyte.gz") as labels:
+        data = labels.read()
     (tmp_path / "labels").write_bytes(data[:-10])
 
     with pytest.raises(DatasetSourceError, match="truncated or corrupt"):
@@ -65,8 +71,10 @@ def test_keras_download_uses_load_data(monkeypatch, small_mnist):
 
     def stub_load_data():
         calls.append(True)
-        return ((small_mnist.x_train, small_mnist.y_train),
-                (small_mnist.x_test, small_mnist.y_test))
+        return (
+            (small_mnist.x_train, small_mnist.y_train),
+            (small_mnist.x_test, small_mnist.y_test),
+        )
 
     monkeypatch.setattr(keras.datasets.mnist, "load_data", stub_load_data)
 
@@ -84,8 +92,10 @@ def test_keras_download_offline_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
 
     def unreachable(*args, **kwargs):
-        raise Exception("URL fetch failure on https://storage.googleapis.com/...: "
-                        "None -- [Errno -3] Temporary failure in name resolution")
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/...: "
+            "None -- [Errno -3] Temporary failure in name resolution"
+        )
 
     monkeypatch.setattr(keras.utils, "get_file", unreachable)
     monkeypatch.setattr("keras.src.datasets.mnist.get_file", unreachable)

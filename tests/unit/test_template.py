@@ -68,48 +68,63 @@ def test_launcher_fires_on_datasets_only():
 
     assert matches(trigger, "data/mnist.npz")
     assert not matches(trigger, "data/")
-    for key in PIPELINE_WRITES + [keys.train_meta("r"), keys.server_ready("i-1")]:
+    for key in [*PIPELINE_WRITES, keys.train_meta("r"), keys.server_ready("i-1")]:
         assert not matches(trigger, key), key
 
 
 def test_gate_fires_on_meta_and_ready_reports_only():
     triggers = FUNCTIONS["GateFunction"].triggers
 
-    assert any(matches(t, keys.train_meta("20261204T150000Z-1a2b3c4d")) for t in triggers)
+    assert any(
+        matches(t, keys.train_meta("20261204T150000Z-1a2b3c4d")) for t in triggers
+    )
     assert any(matches(t, keys.server_ready("i-0123")) for t in triggers)
-    for key in PIPELINE_WRITES + ["data/mnist.npz"]:
+    for key in [*PIPELINE_WRITES, "data/mnist.npz"]:
         assert not any(matches(t, key) for t in triggers), key
 
 
 def test_launch_templates_pass_every_tag_to_the_container():
     user_data = {
-        name: resource["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+        name: resource["Properties"]["LaunchTemplateData"]["UserData"]["Fn::Base64"][
+            "Fn::Sub"
+        ]
         for name, resource in TEMPLATE["Resources"].items()
         if resource["Type"] == "AWS::EC2::LaunchTemplate"
     }
 
-    assert f"{settings.RUN_ID}=\"$(metadata tags/instance/mnist-pipeline:run-id)\"" in (
-        user_data["TrainerLaunchTemplate"])
-    assert (f"{settings.MODEL_VERSION}=\"$(metadata tags/instance/"
-            "mnist-pipeline:model-version)\"") in user_data["ServerLaunchTemplate"]
+    assert (
+        f'{settings.RUN_ID}="$(metadata tags/instance/mnist-pipeline:run-id)"'
+        in (user_data["TrainerLaunchTemplate"])
+    )
+    assert (
+        f'{settings.MODEL_VERSION}="$(metadata tags/instance/'
+        'mnist-pipeline:model-version)"'
+    ) in user_data["ServerLaunchTemplate"]
     for script in user_data.values():
         assert f"{settings.BUCKET_NAME}=" in script
         assert f"{settings.INSTANCE_ID}=" in script
 
 
 def test_powertools_layer_matches_pinned_version():
-    pinned = re.search(r"^aws-lambda-powertools==(\S+)$",
-                       (ROOT / "constraints.txt").read_text(), re.MULTILINE).group(1)
+    pinned = re.search(
+        r"^aws-lambda-powertools==(\S+)$",
+        (ROOT / "constraints.txt").read_text(),
+        re.MULTILINE,
+    ).group(1)
     layers = TEMPLATE["Globals"]["Function"]["Layers"]
 
-    assert any(isinstance(layer, str) and layer.endswith(f"/{pinned}}}}}")
-               for layer in layers)
+    assert any(
+        isinstance(layer, str) and layer.endswith(f"/{pinned}}}}}") for layer in layers
+    )
 
 
-@pytest.mark.parametrize(("module", "forbidden"), [
-    ("functions/launcher/launcher.py", ("numpy", "tensorflow", "keras", "moto")),
-    ("functions/gate/gate.py", ("numpy", "tensorflow", "keras", "moto")),
-])
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("functions/launcher/launcher.py", ("numpy", "tensorflow", "keras", "moto")),
+        ("functions/gate/gate.py", ("numpy", "tensorflow", "keras", "moto")),
+    ],
+)
 def test_functions_import_no_heavy_packages(module, forbidden):
     path = ROOT / module
     code = f"""
@@ -121,16 +136,20 @@ spec = importlib.util.spec_from_file_location("handler", {str(path)!r})
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
 print(",".join(sorted(m for m in {forbidden!r} if m in sys.modules)))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
 
     assert result.stdout.strip() == ""
 
 
 def test_server_imports_no_tensorflow():
-    code = ("import sys, mnist_server.app, mnist_server.__main__; "
-            "print(','.join(m for m in ('tensorflow', 'keras') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                            text=True, check=True)
+    code = (
+        "import sys, mnist_server.app, mnist_server.__main__; "
+        "print(','.join(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
 
     assert result.stdout.strip() == ""

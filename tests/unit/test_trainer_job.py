@@ -3,12 +3,12 @@ import io
 import boto3
 import numpy as np
 import pytest
+from mnist_trainer.job import train_run
 
 from mnist_pipeline import keys
 from mnist_pipeline.records import RunRecord, RunStatus, utc_now
 from mnist_pipeline.settings import TrainerSettings
 from mnist_pipeline.store import PipelineStore
-from mnist_trainer.job import train_run
 from tests.conftest import BUCKET, REGION
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
@@ -23,9 +23,17 @@ def stored_run(store, body: bytes, epochs=1) -> None:
     store.s3.put_object(Bucket=BUCKET, Key="data/mnist.npz", Body=body)
     etag = store.s3.head_object(Bucket=BUCKET, Key="data/mnist.npz")["ETag"].strip('"')
     now = utc_now()
-    store.put_run(RunRecord(run_id=RUN_ID, status=RunStatus.TRAINING,
-                            data_key="data/mnist.npz", data_etag=etag, created_at=now,
-                            updated_at=now, training_epochs=epochs))
+    store.put_run(
+        RunRecord(
+            run_id=RUN_ID,
+            status=RunStatus.TRAINING,
+            data_key="data/mnist.npz",
+            data_etag=etag,
+            created_at=now,
+            updated_at=now,
+            training_epochs=epochs,
+        )
+    )
 
 
 def settings():
@@ -46,8 +54,11 @@ def test_run_publishes_model_then_meta(store, small_mnist_npz):
     assert meta.instance_id == "i-0123"
     assert meta.versions["tensorflow"]
     assert set(meta.timings) >= {"download_s", "fit_s", "evaluate_s", "export_s"}
-    for key in (keys.keras_model(RUN_ID), keys.tflite_model(RUN_ID),
-                keys.smoke_digits(RUN_ID)):
+    for key in (
+        keys.keras_model(RUN_ID),
+        keys.tflite_model(RUN_ID),
+        keys.smoke_digits(RUN_ID),
+    ):
         assert store.get_bytes(key), key
     smoke = np.load(io.BytesIO(store.get_bytes(keys.smoke_digits(RUN_ID))))
     assert sorted(set(smoke["labels"].tolist())) == list(range(10))

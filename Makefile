@@ -1,0 +1,54 @@
+# Two entry points on a fresh machine:
+#   make demo   install, then run the whole loop on the local cloud
+#   make test   install, then run every check CI runs
+# Both create .venv from constraints.txt; `make test` also creates .venv-sam
+# for the AWS SAM CLI.
+
+PYTHON ?= python3
+VENV := .venv
+SAM_VENV := .venv-sam
+BIN := $(VENV)/bin
+DATA ?=
+DEMO_ARGS := $(if $(DATA),--data $(DATA),)
+
+export SAM_CLI_TELEMETRY = 0
+
+.PHONY: install tools demo lint test unit e2e clean
+
+$(BIN)/mnist-pipeline: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable ".[dev]"
+	touch $@
+
+install: $(BIN)/mnist-pipeline
+
+$(SAM_VENV)/bin/sam: constraints.txt
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet "$$(grep '^aws-sam-cli==' constraints.txt)"
+	touch $@
+
+tools: $(SAM_VENV)/bin/sam
+
+demo: install
+	$(BIN)/mnist-pipeline demo $(DEMO_ARGS)
+
+lint: install tools
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint containers/trainer/Dockerfile containers/server/Dockerfile
+	$(SAM_VENV)/bin/sam validate --lint --region us-east-1
+	$(SAM_VENV)/bin/cfn-lint template.yaml
+
+# Tests that need real MNIST read it from $MNIST_DIR (the four IDX files).
+unit: install
+	$(BIN)/pytest -m "not e2e"
+
+e2e: install
+	$(BIN)/pytest -m e2e
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) $(SAM_VENV) .localcloud .pytest_cache .ruff_cache

