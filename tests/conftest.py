@@ -2,7 +2,8 @@
 
 Real MNIST is read from the directory in the ``MNIST_DIR`` environment
 variable (the four IDX files, gzip or not). Tests that need it skip with a
-message naming the variable when it is unset; CI sets it.
+message naming the variable when it is unset, except under CI (``CI`` set),
+where a missing dataset is an error rather than a silent skip.
 """
 
 import copy
@@ -27,8 +28,11 @@ REGION = "us-east-1"
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     value = os.environ.get("MNIST_DIR")
+    message = "Set MNIST_DIR to a directory holding the four MNIST IDX files."
+    if not value and os.environ.get("CI"):
+        pytest.fail(message)
     if not value:
-        pytest.skip("Set MNIST_DIR to a directory holding the four MNIST IDX files.")
+        pytest.skip(message)
 
     return Path(value)
 
