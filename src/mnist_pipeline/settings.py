@@ -27,6 +27,7 @@ ADVERTISED_URL = "ADVERTISED_URL"
 HOST = "HOST"
 PORT = "PORT"
 MAX_UPLOAD_BYTES = "MAX_UPLOAD_BYTES"
+MAX_BATCH_FILES = "MAX_BATCH_FILES"
 
 T = TypeVar("T")
 
@@ -132,6 +133,7 @@ class ServerSettings:
     host: str
     port: int
     max_upload_bytes: int
+    max_batch_files: int = 32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ServerSettings":
@@ -155,5 +157,13 @@ class ServerSettings:
                 5 * 1024 * 1024,
                 lambda v: v > 0,
                 "a positive number of bytes",
+            ),
+            max_batch_files=_read(
+                environ,
+                MAX_BATCH_FILES,
+                int,
+                32,
+                lambda v: v > 0,
+                "a positive number of files",
             ),
         )

@@ -1,4 +1,6 @@
+import dataclasses
 import io
+import time
 
 import boto3
 import numpy as np
@@ -137,3 +139,99 @@ def test_wrong_model_fails_smoke_check(s3, trained):
         TestClient(create_app(settings(), s3=s3, announce=False)),
     ):
         pass
+
+
+def test_batch_returns_results_in_order(client, small_mnist):
+    images = small_mnist.x_test[:8]
+    files = [("files", (f"{i}.png", png(image))) for i, image in enumerate(images)]
+
+    response = client.post("/predict/batch", files=files)
+
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 8
+    for image, prediction in zip(images, predictions, strict=True):
+        single = client.post("/predict", files={"file": ("d.png", png(image))}).json()
+        assert prediction == single
+
+
+def test_batch_over_limit_gets_413(s3, small_mnist):
+    app = create_app(
+        dataclasses.replace(settings(), max_batch_files=3), s3=s3, announce=False
+    )
+    files = [("files", (f"{i}.png", png(small_mnist.x_test[i]))) for i in range(4)]
+    with TestClient(app) as client:
+        response = client.post("/predict/batch", files=files)
+
+    assert response.status_code == 413
+    assert "4 files, more than the limit of 3" in response.json()["detail"]
+
+
+def test_batch_names_the_bad_file(client, small_mnist):
+    files = [
+        ("files", ("0.png", png(small_mnist.x_test[0]))),
+        ("files", ("1.png", b"")),
+    ]
+
+    response = client.post("/predict/batch", files=files)
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("File 1: The uploaded file is empty")
+
+
+def test_metrics_count_requests_and_digits(client, small_mnist):
+    client.post("/predict", files={"file": ("d.png", png(small_mnist.x_test[0]))})
+    client.post("/predict", files={"file": ("d.png", b"")})
+    client.get("/no/such/path")
+
+    text = client.get("/metrics").text
+
+    assert (
+        'http_requests_total{method="POST",route="/predict",status="200"} 1.0' in text
+    )
+    assert (
+        'http_requests_total{method="POST",route="/predict",status="400"} 1.0' in text
+    )
+    assert 'route="unmatched",status="404"' in text
+    label = int(small_mnist.y_test[0])
+    assert f'predictions_total{{digit="{label}",model_version="{VERSION}"}} 1.0' in text
+    assert 'http_request_duration_seconds_bucket{le="0.01",route="/predict"}' in text
+
+
+def test_concurrent_requests_get_identical_answers(s3, small_mnist):
+    import concurrent.futures
+    import threading
+
+    import requests
+    import uvicorn
+
+    from mnist_pipeline.localcloud.runner import free_port
+
+    port = free_port()
+    app = create_app(dataclasses.replace(settings(), port=port), s3=s3, announce=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = png(small_mnist.x_test[0])
+
+        def predict(_):
+            return requests.post(
+                f"http://127.0.0.1:{port}/predict",
+                files={"file": ("d.png", body)},
+                timeout=30,
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            responses = list(pool.map(predict, range(32)))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    assert [r.status_code for r in responses] == [200] * 32
+    assert len({r.text for r in responses}) == 1

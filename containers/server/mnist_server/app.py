@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import boto3
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from mnist_pipeline import keys
@@ -24,6 +25,7 @@ from mnist_pipeline.records import ServerReady, utc_now
 from mnist_pipeline.settings import ServerSettings
 from mnist_pipeline.store import PipelineStore
 from mnist_server.classifier import DigitClassifier
+from mnist_server.metrics import MetricsMiddleware, ServerMetrics
 from mnist_server.preprocess import InvalidImageError, preprocess
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,10 @@ class Prediction(BaseModel):
         min_length=10, max_length=10, description="Probability of each digit 0-9"
     )
     model_version: str = Field(description="Run id of the model that answered")
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction] = Field(description="One result per file, in order")
 
 
 def load_classifier(
@@ -127,6 +133,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.classifier = None
+    metrics = ServerMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     def read_health(request: Request) -> Any:
@@ -139,35 +147,84 @@ def create_app(
 
         return Health(status="ok", model_version=classifier.model_version)
 
-    @app.post("/predict", response_model=Prediction, responses={400: {}, 413: {}})
-    def create_prediction(
-        request: Request,
-        file: Annotated[UploadFile, File(description="PNG or JPEG image of one digit")],
-    ) -> Prediction:
-        """Classify the digit in an uploaded image."""
-        classifier = request.app.state.classifier
-        if classifier is None:
-            raise HTTPException(status_code=503, detail="No model is loaded yet.")
-
-        data = file.file.read(settings.max_upload_bytes + 1)
+    def read_upload(upload: UploadFile, position: str) -> bytes:
+        data = upload.file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(
                 status_code=413,
-                detail=f"The file is larger than {settings.max_upload_bytes} bytes.",
+                detail=f"{position} is larger than {settings.max_upload_bytes} bytes.",
             )
+
+        return data
+
+    def classify(classifier: DigitClassifier, data: bytes, position: str) -> Prediction:
         try:
             digit = preprocess(data)
         except InvalidImageError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from exc
+            raise HTTPException(status_code=400, detail=f"{position}: {exc}") from exc
 
         probabilities = classifier.predict(digit)
         best = int(probabilities.argmax())
+        metrics.predictions.labels(str(best), classifier.model_version).inc()
 
         return Prediction(
             digit=best,
             confidence=float(probabilities[best]),
             probabilities=[float(p) for p in probabilities],
             model_version=classifier.model_version,
+        )
+
+    def loaded_classifier(request: Request) -> DigitClassifier:
+        classifier = request.app.state.classifier
+        if classifier is None:
+            raise HTTPException(status_code=503, detail="No model is loaded yet.")
+
+        return classifier
+
+    @app.post("/predict", response_model=Prediction, responses={400: {}, 413: {}})
+    def create_prediction(
+        request: Request,
+        file: Annotated[UploadFile, File(description="PNG or JPEG image of one digit")],
+    ) -> Prediction:
+        """Classify the digit in an uploaded image."""
+        classifier = loaded_classifier(request)
+        data = read_upload(file, "The file")
+
+        return classify(classifier, data, "The file")
+
+    @app.post(
+        "/predict/batch", response_model=BatchPrediction, responses={400: {}, 413: {}}
+    )
+    def create_batch_prediction(
+        request: Request,
+        files: Annotated[
+            list[UploadFile], File(description="PNG or JPEG images, one digit each")
+        ],
+    ) -> BatchPrediction:
+        """Classify the digits in several uploaded images, in order."""
+        classifier = loaded_classifier(request)
+        if len(files) > settings.max_batch_files:
+            raise HTTPException(
+                status_code=413,
+                detail=f"The batch has {len(files)} files, more than the limit of "
+                f"{settings.max_batch_files}; split it into smaller batches.",
+            )
+
+        uploads = [
+            read_upload(upload, f"File {index}") for index, upload in enumerate(files)
+        ]
+        predictions = [
+            classify(classifier, data, f"File {index}")
+            for index, data in enumerate(uploads)
+        ]
+
+        return BatchPrediction(predictions=predictions)
+
+    @app.get("/metrics", include_in_schema=False)
+    def read_metrics() -> Response:
+        """Serve the Prometheus metrics."""
+        return Response(
+            generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
 
     return app
