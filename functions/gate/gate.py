@@ -51,7 +51,7 @@ def decide(
     threshold: float,
     tolerance: float,
 ) -> tuple[Decision, str]:
-    """Decide whether a model replaces the serving one, and say why."""
+    """Decide whether a model replaces the serving one, and return the reason."""
     if test_accuracy < threshold:
         return Decision.REJECT, (
             f"Test accuracy {test_accuracy:.4f} is below the threshold {threshold:.4f}."

@@ -36,7 +36,7 @@ logger = logging.getLogger("mnist_pipeline")
 
 
 class CommandError(PipelineError):
-    """A command cannot go on; the message says why and what to do."""
+    """A command failed; the message names the cause and the fix."""
 
 
 # ----------------------------------------------------------------- helpers

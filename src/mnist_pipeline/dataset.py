@@ -137,7 +137,7 @@ def _check_member(
 
     if read_bytes != expected_bytes:
         raise _invalid(
-            f"{name} holds {read_bytes} bytes of data, expected {expected_bytes} "
+            f"{name} contains {read_bytes} bytes of data, expected {expected_bytes} "
             f"for shape {shape}"
         )
 
@@ -185,7 +185,7 @@ def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
         if missing:
             raise _invalid(f"The archive is missing arrays {missing}")
         if unexpected:
-            raise _invalid(f"The archive holds unexpected entries {unexpected}")
+            raise _invalid(f"The archive contains unexpected entries {unexpected}")
 
         total = sum(info.file_size for info in members.values())
         if total > MAX_UNCOMPRESSED_BYTES:

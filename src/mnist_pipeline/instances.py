@@ -62,7 +62,7 @@ def start_instance(
 
 
 def terminate_instance(ec2: Any, instance_id: str) -> bool:
-    """Terminate an instance; return False if EC2 no longer knows it."""
+    """Terminate an instance; return False if EC2 reports it not found."""
     try:
         ec2.terminate_instances(InstanceIds=[instance_id])
     except ClientError as exc:

@@ -55,8 +55,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = int(np.prod(shape))
     if len(data) - header_size != expected:
         raise DatasetSourceError(
-            f"{path} holds {len(data) - header_size} data bytes, expected {expected} "
-            f"for shape {shape}; the file is truncated or corrupt."
+            f"{path} contains {len(data) - header_size} data bytes, expected "
+            f"{expected} for shape {shape}; the file is truncated or corrupt."
         )
 
     return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)

@@ -27,7 +27,7 @@ from mnist_pipeline.records import (
 D = TypeVar("D", bound=_Document)
 
 _NOT_FOUND = ("NoSuchKey", "404", "NotFound")
-# S3 answers 412 when a conditional write loses and 409 when two race.
+# S3 returns 412 when a conditional write loses and 409 when two race.
 _CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 

@@ -2,7 +2,7 @@
 
 At startup the app downloads the LiteRT model of its model version from S3,
 checks it on the run's smoke digits and only then reports healthy. Once
-``GET /health`` answers 200 on its own port, the app writes a ready report
+``GET /health`` returns 200 on its own port, the app writes a ready report
 to S3; that report is what lets the gate move users to this server.
 """
 
@@ -44,7 +44,9 @@ class Prediction(BaseModel):
     probabilities: list[float] = Field(
         min_length=10, max_length=10, description="Probability of each digit 0-9"
     )
-    model_version: str = Field(description="Run id of the model that answered")
+    model_version: str = Field(
+        description="Run id of the model that made the prediction"
+    )
 
 
 class BatchPrediction(BaseModel):
@@ -71,7 +73,7 @@ def load_classifier(
 def announce_ready(
     store: PipelineStore, settings: ServerSettings, checked: int
 ) -> None:
-    """Wait until this server answers /health on its port, then report ready."""
+    """Wait until /health on this server's port returns 200, then report ready."""
     health_url = f"http://127.0.0.1:{settings.port}/health"
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -84,7 +86,7 @@ def announce_ready(
         time.sleep(0.2)
     else:
         logger.error(
-            "Server did not answer %s in %d s; not reporting ready",
+            "%s did not return 200 within %d s; not reporting ready",
             health_url,
             READY_TIMEOUT_SECONDS,
         )

@@ -1,9 +1,9 @@
 """Prometheus metrics of the server, served at ``GET /metrics``.
 
 ``http_requests_total`` and ``http_request_duration_seconds`` count every
-request by route template (not raw path, so unknown paths cannot grow the
-label set) and status; ``predictions_total`` counts predicted digits by
-model version.
+request by route template and status. Labels use the template, not the raw
+path, so unknown paths cannot grow the label set. ``predictions_total``
+counts predicted digits by model version.
 """
 
 import time

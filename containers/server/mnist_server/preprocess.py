@@ -98,7 +98,7 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     Raises
     ------
     InvalidImageError
-        When the image holds no ink at all.
+        When the image contains no ink at all.
     """
     pixels = to_luminance(image)
 
