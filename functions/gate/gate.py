@@ -35,6 +35,11 @@ from mnist_pipeline.records import (
 from mnist_pipeline.settings import GateSettings
 from mnist_pipeline.store import PipelineStore
 
+
+class CutoverPendingError(RuntimeError):
+    """A ready report arrived before its run's promotion was recorded."""
+
+
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
@@ -169,6 +174,12 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
 
     logger.append_keys(run_id=ready.model_version, instance_id=ready.instance_id)
     record = store.get_run(ready.model_version)
+    if record is not None and record.status == RunStatus.TRAINING:
+        # S3 events arrive in no fixed order: this report overtook the
+        # review that started the server. Raising makes the event retry.
+        raise CutoverPendingError(
+            f"Run {record.run_id} is still under review; retry the ready report."
+        )
     if (
         record is None
         or record.status != RunStatus.PROMOTING

@@ -288,3 +288,13 @@ def test_decide_table(gate, accuracy, serving_accuracy, expected):
 
     assert decision == expected
     assert f"{accuracy:.4f}" in reason
+
+
+def test_ready_report_before_review_is_retried(gate, store, ec2, lambda_context):
+    # GIVEN a ready report that overtook the review of its run
+    training_run(store, ec2)
+
+    # WHEN it arrives THEN the gate raises, so S3's retry delivers it later
+    with pytest.raises(gate.CutoverPendingError):
+        gate.lambda_handler(ready(store, ec2, "i-0123456789abcdef0"), lambda_context)
+    assert store.get_serving() is None
