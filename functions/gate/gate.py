@@ -85,7 +85,14 @@ def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
     Returns the updated run record, or None when the event is ignored: an
     unknown run, a malformed meta, or a run the gate already reviewed.
     """
-    record = store.get_run(run_id)
+    try:
+        record = store.get_run(run_id)
+    except InvalidRecordError as exc:
+        logger.error(
+            "Malformed run record, ignoring its train_meta.json",
+            extra={"error": str(exc)},
+        )
+        return None
     if record is None:
         logger.warning("No run record for this train_meta.json, ignoring it")
         return None
@@ -173,7 +180,13 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         return None
 
     logger.append_keys(run_id=ready.model_version, instance_id=ready.instance_id)
-    record = store.get_run(ready.model_version)
+    try:
+        record = store.get_run(ready.model_version)
+    except InvalidRecordError as exc:
+        logger.error(
+            "Malformed run record, ignoring the ready report", extra={"error": str(exc)}
+        )
+        return None
     if record is not None and record.status == RunStatus.TRAINING:
         # S3 events arrive in no fixed order: this report overtook the
         # review that started the server. Raising makes the event retry.
@@ -188,7 +201,16 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         logger.warning("Ready report matches no pending promotion, ignoring it")
         return None
 
-    previous = store.get_serving()
+    # On a retry after a partial failure the pointer already names this
+    # server, and the server to retire is the one it replaced.
+    current = store.get_serving()
+    if current and current.instance_id == ready.instance_id:
+        previous_version = current.previous_version
+        previous_instance_id = current.previous_instance_id
+    else:
+        previous_version = current.model_version if current else None
+        previous_instance_id = current.instance_id if current else None
+
     store.put_serving(
         ServingPointer(
             model_version=ready.model_version,
@@ -196,7 +218,8 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
             instance_id=ready.instance_id,
             url=ready.url,
             since=utc_now(),
-            previous_version=previous.model_version if previous else None,
+            previous_version=previous_version,
+            previous_instance_id=previous_instance_id,
         )
     )
     record.update(status=RunStatus.PROMOTED, server_url=ready.url)
@@ -204,11 +227,11 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
     logger.info("New model serving", extra={"url": ready.url})
     metrics.add_metric(name="CutoversCompleted", unit=MetricUnit.Count, value=1)
 
-    if previous and previous.instance_id != ready.instance_id:
-        instances.terminate_instance(ec2, previous.instance_id)
+    if previous_instance_id:
+        instances.terminate_instance(ec2, previous_instance_id)
         logger.info(
             "Previous server terminated",
-            extra={"previous_instance_id": previous.instance_id},
+            extra={"previous_instance_id": previous_instance_id},
         )
 
     return record

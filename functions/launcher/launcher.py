@@ -41,10 +41,10 @@ ec2 = boto3.client("ec2")
 LOCK_STALE_SECONDS = 150
 
 
-def new_run_id(data_key: str, etag: str) -> str:
+def new_run_id(data_key: str, etag: str, version_id: str | None) -> str:
     """Return a run id: the UTC time, then 8 hex digits of the upload's lock."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    digest = keys.upload_lock(data_key, etag).rsplit("/", 1)[1][:8]
+    digest = keys.upload_lock(data_key, etag, version_id).rsplit("/", 1)[1][:8]
 
     return f"{now}-{digest}"
 
@@ -59,7 +59,11 @@ def _reject(record: RunRecord, reason: str) -> RunRecord:
 
 @tracer.capture_method
 def start_run(
-    store: PipelineStore, data_key: str, etag: str, size: int
+    store: PipelineStore,
+    data_key: str,
+    etag: str,
+    size: int,
+    version_id: str | None = None,
 ) -> RunRecord | None:
     """Validate one uploaded dataset and start its trainer.
 
@@ -73,7 +77,11 @@ def start_run(
         the retry finds it done or takes it over.
     """
     claim = store.claim_upload(
-        data_key, etag, new_run_id(data_key, etag), stale_after=LOCK_STALE_SECONDS
+        data_key,
+        etag,
+        new_run_id(data_key, etag, version_id),
+        stale_after=LOCK_STALE_SECONDS,
+        version_id=version_id,
     )
     if not claim.owned:
         logger.info(
@@ -177,8 +185,9 @@ def lambda_handler(event: S3Event, context: LambdaContext) -> dict[str, Any]:
             logger.warning("Object is not a dataset of this pipeline, skipping")
             continue
 
+        s3_object = record.s3.get_object
         run = start_run(
-            store, data_key, record.s3.get_object.etag, record.s3.get_object.size
+            store, data_key, s3_object.etag, s3_object.size, s3_object.version_id
         )
         if run is not None:
             runs.append({"run_id": run.run_id, "status": run.status})

@@ -21,6 +21,7 @@ unpickles.
 
 import ast
 import dataclasses
+import math
 import os
 import struct
 import zipfile
@@ -43,6 +44,8 @@ MAX_OBJECT_BYTES = 1024**3
 MAX_UNCOMPRESSED_BYTES = 2 * 1024**3
 
 _NPY_MAGIC = b"\x93NUMPY"
+_HEADER_KEYS = {"descr", "fortran_order", "shape"}
+_MAX_HEADER_BYTES = 10_000
 _UINT8_DESCRS = ("|u1", "<u1", ">u1")
 _CHUNK_BYTES = 1 << 20
 
@@ -70,31 +73,107 @@ def _invalid(problem: str) -> InvalidDatasetError:
     return InvalidDatasetError(f"{problem}. {FIX_HINT}")
 
 
-def _read_npy_header(stream: IO[bytes], name: str) -> tuple[str, bool, tuple]:
-    """Read the header of one ``.npy`` member and return (descr, fortran, shape)."""
+def _read_npy_header(stream: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
+    """Read one ``.npy`` member's header and return its dtype and shape.
+
+    Accepts exactly what ``numpy.load(allow_pickle=False)`` accepts for a
+    C-ordered array: format versions 1.0, 2.0 and 3.0, a header of at most
+    10,000 bytes (NumPy's default ``max_header_size``) and a dict with the
+    keys descr, fortran_order and shape.
+    """
     prefix = stream.read(8)
     if len(prefix) < 8 or not prefix.startswith(_NPY_MAGIC):
         raise _invalid(f"{name} is not a .npy array")
 
-    major = prefix[6]
-    if major == 1:
+    version = (prefix[6], prefix[7])
+    if version == (1, 0):
         (header_len,) = struct.unpack("<H", stream.read(2))
-    elif major in (2, 3):
+    elif version in ((2, 0), (3, 0)):
         (header_len,) = struct.unpack("<I", stream.read(4))
     else:
-        raise _invalid(f"{name} uses unknown .npy format version {major}")
+        raise _invalid(f"{name} uses unsupported .npy format version {version}")
+    if header_len > _MAX_HEADER_BYTES:
+        raise _invalid(
+            f"{name} has a {header_len}-byte .npy header, more than the "
+            f"{_MAX_HEADER_BYTES} bytes NumPy reads"
+        )
 
-    encoding = "utf-8" if major == 3 else "latin1"
+    encoding = "utf-8" if version == (3, 0) else "latin1"
     try:
         # The header is a Python dict literal; literal_eval runs no code.
         header = ast.literal_eval(stream.read(header_len).decode(encoding))
-        descr = header["descr"]
-        fortran_order = header["fortran_order"]
-        shape = tuple(header["shape"])
-    except (SyntaxError, ValueError, KeyError, TypeError) as exc:
+    except (
+        SyntaxError,
+        ValueError,
+        TypeError,
+        UnicodeDecodeError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
         raise _invalid(f"{name} has a malformed .npy header") from exc
 
-    return descr, fortran_order, shape
+    if not isinstance(header, dict) or header.keys() != _HEADER_KEYS:
+        raise _invalid(
+            f"{name} has a .npy header without exactly the keys "
+            "descr, fortran_order and shape"
+        )
+    shape = header["shape"]
+    valid_shape = isinstance(shape, tuple) and all(
+        type(size) is int and size >= 0 for size in shape
+    )
+    if not valid_shape:
+        raise _invalid(f"{name} has invalid shape {shape!r:.60}")
+    if header["fortran_order"] is not False:
+        raise _invalid(f"{name} is stored in Fortran order, expected C order")
+
+    return header["descr"], shape
+
+
+def _declared_shape(archive: zipfile.ZipFile, name: str, ndim: int) -> tuple[int, ...]:
+    """Check one array's header against the format and its member's size."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as stream:
+        descr, shape = _read_npy_header(stream, name)
+        header_bytes = stream.tell()
+    if descr not in _UINT8_DESCRS:
+        raise _invalid(
+            f"{name} has dtype {descr!r}, expected uint8 ('|u1'); "
+            "object and pickled arrays are never accepted"
+        )
+    if len(shape) != ndim:
+        raise _invalid(f"{name} has shape {shape}, expected {ndim} dimensions")
+    if ndim == 3 and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise _invalid(
+            f"{name} has images of {shape[1]}x{shape[2]} pixels, "
+            f"expected {IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
+
+    # The declared shape must match the member's size before any data is
+    # read, so a small upload cannot claim a huge array.
+    data_bytes = math.prod(shape)
+    if header_bytes + data_bytes != info.file_size:
+        raise _invalid(
+            f"{name} contains {info.file_size - header_bytes} bytes of data, "
+            f"expected {data_bytes} for shape {shape}"
+        )
+
+    return shape
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, count_labels: bool) -> list[int]:
+    """Read one array to its end, so zipfile verifies its size and CRC.
+
+    Returns how often each byte value occurs when ``count_labels`` is set.
+    """
+    counts = [0] * 256
+    with archive.open(f"{name}.npy") as stream:
+        _read_npy_header(stream, name)
+        for chunk in _iter_chunks(stream):
+            if count_labels:
+                for value in set(chunk):
+                    counts[value] += chunk.count(value)
+
+    return counts
 
 
 def _iter_chunks(stream: IO[bytes]) -> Iterator[bytes]:
@@ -102,57 +181,18 @@ def _iter_chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _check_member(
-    archive: zipfile.ZipFile, name: str, ndim: int
-) -> tuple[tuple, bytes | None]:
-    """Validate one array and return its shape, and its bytes for labels."""
-    with archive.open(f"{name}.npy") as stream:
-        descr, fortran_order, shape = _read_npy_header(stream, name)
-        if descr not in _UINT8_DESCRS:
-            raise _invalid(
-                f"{name} has dtype {descr!r}, expected uint8 ('|u1'); "
-                "object and pickled arrays are never accepted"
-            )
-        if fortran_order:
-            raise _invalid(f"{name} is stored in Fortran order, expected C order")
-        if len(shape) != ndim:
-            raise _invalid(f"{name} has shape {shape}, expected {ndim} dimensions")
-        if ndim == 3 and shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise _invalid(
-                f"{name} has images of {shape[1]}x{shape[2]} pixels, "
-                f"expected {IMAGE_SIZE}x{IMAGE_SIZE}"
-            )
-
-        expected_bytes = 1
-        for size in shape:
-            expected_bytes *= size
-
-        # Reading to the end also makes zipfile verify the member's CRC.
-        kept = bytearray() if ndim == 1 else None
-        read_bytes = 0
-        for chunk in _iter_chunks(stream):
-            read_bytes += len(chunk)
-            if kept is not None:
-                kept += chunk
-
-    if read_bytes != expected_bytes:
-        raise _invalid(
-            f"{name} contains {read_bytes} bytes of data, expected {expected_bytes} "
-            f"for shape {shape}"
-        )
-
-    return shape, bytes(kept) if kept is not None else None
-
-
-def _class_counts(labels: bytes, name: str) -> list[int]:
-    counts = [0] * 256
-    for label in labels:
-        counts[label] += 1
-
+def _class_counts(counts: list[int], name: str) -> list[int]:
     out_of_range = [value for value in range(NUM_CLASSES, 256) if counts[value]]
     if out_of_range:
         raise _invalid(
             f"{name} contains labels {out_of_range[:5]} outside 0-{NUM_CLASSES - 1}"
+        )
+
+    missing = [digit for digit in range(NUM_CLASSES) if counts[digit] == 0]
+    if missing:
+        raise _invalid(
+            f"{name} has no examples of digits {missing}; both splits must contain "
+            "every digit, or their accuracy says nothing about those digits"
         )
 
     return counts[:NUM_CLASSES]
@@ -161,8 +201,9 @@ def _class_counts(labels: bytes, name: str) -> list[int]:
 def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
     """Validate a dataset object and return its sizes and label counts.
 
-    Uses only the standard library. Reads every byte, so a truncated or
-    corrupted object fails here rather than on the trainer.
+    Uses only the standard library and never holds more than one chunk of
+    an array in memory. Reads every byte, so a truncated or corrupted
+    object fails here rather than on the trainer.
 
     Raises
     ------
@@ -170,37 +211,75 @@ def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
         With a message that names the problem and how to fix it.
     """
     try:
-        archive = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise _invalid(
+        return _check_archive(source)
+    except InvalidDatasetError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+        ValueError,
+        TypeError,
+        UnicodeDecodeError,
+    ) as exc:
+        # zipfile raises all of these on damaged or exotic archives
+        # (encrypted members, unknown compression, broken directories).
+        raise _invalid(f"The archive is unreadable or corrupted ({exc})") from exc
+
+
+def _check_archive(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
+    opened = None
+    if isinstance(source, str | os.PathLike):
+        source = opened = open(source, "rb")  # noqa: SIM115 - closed below
+    try:
+        # numpy.load tells an .npz from a .npy or a pickle by its first
+        # bytes, so the archive must start with a zip entry.
+        start = source.tell()
+        magic = source.read(4)
+        source.seek(start)
+        not_npz = _invalid(
             "The object is not a readable .npz archive (empty, truncated or "
             "another format)"
-        ) from exc
-
-    with archive:
-        members = {info.filename: info for info in archive.infolist()}
-        expected = {f"{name}.npy" for name in ARRAY_NAMES}
-        missing = sorted(expected - members.keys())
-        unexpected = sorted(members.keys() - expected)
-        if missing:
-            raise _invalid(f"The archive is missing arrays {missing}")
-        if unexpected:
-            raise _invalid(f"The archive contains unexpected entries {unexpected}")
-
-        total = sum(info.file_size for info in members.values())
-        if total > MAX_UNCOMPRESSED_BYTES:
-            raise _invalid(
-                f"The arrays take {total} bytes uncompressed, more than the "
-                f"limit of {MAX_UNCOMPRESSED_BYTES}"
-            )
-
+        )
+        if magic != b"PK\x03\x04":
+            raise not_npz
         try:
-            x_train, _ = _check_member(archive, "x_train", ndim=3)
-            y_train, train_labels = _check_member(archive, "y_train", ndim=1)
-            x_test, _ = _check_member(archive, "x_test", ndim=3)
-            y_test, test_labels = _check_member(archive, "y_test", ndim=1)
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise _invalid(f"The archive is corrupted: {exc}") from exc
+            archive = zipfile.ZipFile(source)
+        except zipfile.BadZipFile as exc:
+            raise not_npz from exc
+        with archive:
+            return _check_members(archive)
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _check_members(archive: zipfile.ZipFile) -> DatasetSummary:
+    names = [info.filename for info in archive.infolist()]
+    expected = {f"{name}.npy" for name in ARRAY_NAMES}
+    missing = sorted(expected - set(names))
+    unexpected = sorted(set(names) - expected)
+    if missing:
+        raise _invalid(f"The archive is missing arrays {missing}")
+    if unexpected:
+        raise _invalid(f"The archive contains unexpected entries {unexpected}")
+    if len(names) != len(set(names)):
+        raise _invalid(f"The archive contains repeated entries {sorted(names)}")
+
+    total = sum(info.file_size for info in archive.infolist())
+    if total > MAX_UNCOMPRESSED_BYTES:
+        raise _invalid(
+            f"The arrays take {total} bytes uncompressed, more than the "
+            f"limit of {MAX_UNCOMPRESSED_BYTES}"
+        )
+
+    x_train = _declared_shape(archive, "x_train", ndim=3)
+    y_train = _declared_shape(archive, "y_train", ndim=1)
+    x_test = _declared_shape(archive, "x_test", ndim=3)
+    y_test = _declared_shape(archive, "y_test", ndim=1)
 
     for split, images, labels in (
         ("train", x_train, y_train),
@@ -220,11 +299,16 @@ def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
             f"The test split has {x_test[0]} images, fewer than {MIN_TEST_SIZE}"
         )
 
+    for name in ("x_train", "x_test"):
+        _read_member(archive, name, count_labels=False)
+    train_counts = _read_member(archive, "y_train", count_labels=True)
+    test_counts = _read_member(archive, "y_test", count_labels=True)
+
     return DatasetSummary(
         train_size=x_train[0],
         test_size=x_test[0],
-        train_class_counts=_class_counts(train_labels, "y_train"),
-        test_class_counts=_class_counts(test_labels, "y_test"),
+        train_class_counts=_class_counts(train_counts, "y_train"),
+        test_class_counts=_class_counts(test_counts, "y_test"),
     )
 
 

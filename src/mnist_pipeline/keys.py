@@ -86,12 +86,14 @@ def is_server_ready(key: str) -> bool:
     return key.startswith(SERVER_READY_PREFIX) and key.endswith(".json")
 
 
-def upload_lock(data_key: str, etag: str) -> str:
+def upload_lock(data_key: str, etag: str, version_id: str | None = None) -> str:
     """Return the lock key of one version of an upload.
 
     Every delivery of the same S3 event maps to the same lock, so only the
-    first one that creates it starts a trainer.
+    first one that creates it starts a trainer. In a versioned bucket the
+    version id tells apart two uploads of the same bytes.
     """
-    digest = hashlib.sha256(f"{data_key}\n{etag}".encode()).hexdigest()
+    identity = f"{data_key}\n{etag}\n{version_id or ''}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()
 
     return f"{UPLOAD_LOCKS_PREFIX}{digest}.json"

@@ -189,6 +189,7 @@ class ServingPointer(_Document):
     url: str
     since: str
     previous_version: str | None = None
+    previous_instance_id: str | None = None
     schema_version: int = SCHEMA_VERSION
 
 

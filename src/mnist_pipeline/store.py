@@ -7,13 +7,14 @@ of `keys`, so no component builds a key or parses a document on its own.
 import dataclasses
 import datetime
 import json
+import logging
 import shutil
 from typing import IO, Any, TypeVar
 
 from botocore.exceptions import ClientError
 
 from mnist_pipeline import keys
-from mnist_pipeline.exceptions import PipelineError
+from mnist_pipeline.exceptions import InvalidRecordError, PipelineError
 from mnist_pipeline.records import (
     RunRecord,
     RunStatus,
@@ -25,6 +26,8 @@ from mnist_pipeline.records import (
 )
 
 D = TypeVar("D", bound=_Document)
+
+logger = logging.getLogger(__name__)
 
 _NOT_FOUND = ("NoSuchKey", "404", "NotFound")
 # S3 returns 412 when a conditional write loses and 409 when two race.
@@ -101,7 +104,12 @@ class PipelineStore:
         return True
 
     def claim_upload(
-        self, data_key: str, etag: str, run_id: str, stale_after: float
+        self,
+        data_key: str,
+        etag: str,
+        run_id: str,
+        stale_after: float,
+        version_id: str | None = None,
     ) -> UploadClaim:
         """Decide which delivery of an upload's event handles it.
 
@@ -120,7 +128,7 @@ class PipelineStore:
         UploadInProgressError
             When the owner may still be working, or won a takeover race.
         """
-        lock_key = keys.upload_lock(data_key, etag)
+        lock_key = keys.upload_lock(data_key, etag, version_id)
         if self._write_lock(lock_key, run_id, IfNoneMatch="*"):
             return UploadClaim(run_id=run_id, owned=True)
 
@@ -155,16 +163,28 @@ class PipelineStore:
         self._put(keys.run_record(record.run_id), record)
 
     def list_runs(self) -> list[RunRecord]:
-        """Return every run record, oldest first (run ids start with the time)."""
+        """Return every valid run record, oldest first (run ids start with the time).
+
+        A malformed record is skipped with a warning, so one bad document
+        cannot hide every other run.
+        """
         paginator = self.s3.get_paginator("list_objects_v2")
         run_keys = [
             item["Key"]
             for page in paginator.paginate(Bucket=self.bucket, Prefix=keys.RUNS_PREFIX)
             for item in page.get("Contents", [])
         ]
-        records = [self._get(RunRecord, key) for key in sorted(run_keys)]
+        records = []
+        for key in sorted(run_keys):
+            try:
+                record = self._get(RunRecord, key)
+            except InvalidRecordError as exc:
+                logger.warning("Skipping malformed run record %s: %s", key, exc)
+                continue
+            if record is not None:
+                records.append(record)
 
-        return [record for record in records if record is not None]
+        return records
 
     def get_train_meta(self, run_id: str) -> TrainMeta | None:
         return self._get(TrainMeta, keys.train_meta(run_id))

@@ -1,3 +1,4 @@
+import contextlib
 import io
 import zipfile
 
@@ -173,3 +174,135 @@ def test_load_never_unpickles():
 
     with pytest.raises(ValueError, match="allow_pickle"):
         load_dataset(source).y_train.sum()
+
+
+def npy_bytes(header: str, data: bytes, version=(1, 0)) -> bytes:
+    """Build a .npy member by hand, header dict literal included."""
+    encoded = header.encode("latin1")
+    if version == (1, 0):
+        return (
+            b"\x93NUMPY\x01\x00" + len(encoded).to_bytes(2, "little") + encoded + data
+        )
+    return (
+        b"\x93NUMPY"
+        + bytes(version)
+        + len(encoded).to_bytes(4, "little")
+        + encoded
+        + data
+    )
+
+
+def archive_with(name: str, member: bytes) -> io.BytesIO:
+    """A valid dataset archive whose ``name`` member is replaced by ``member``."""
+    source = npz(compressed=False, **make_arrays())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(buffer, "w") as target:
+        for info in original.infolist():
+            body = member if info.filename == f"{name}.npy" else original.read(info)
+            target.writestr(info.filename, body)
+    buffer.seek(0)
+    return buffer
+
+
+LABELS = bytes(range(10)) * 120
+HOSTILE_HEADERS = {
+    "float shape": (
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (1200.0,), }",
+        "invalid shape",
+    ),
+    "list shape": (
+        "{'descr': '|u1', 'fortran_order': False, 'shape': [1200], }",
+        "invalid shape",
+    ),
+    "negative shape": (
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (-1,), }",
+        "invalid shape",
+    ),
+    "fortran zero": (
+        "{'descr': '|u1', 'fortran_order': 0, 'shape': (1200,), }",
+        "Fortran order",
+    ),
+    "extra key": (
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (1200,), 'x': 1}",
+        "exactly the keys",
+    ),
+    "not a dict": ("[1, 2, 3]", "exactly the keys"),
+    "deep nesting": ("-" * 3000 + "1", "malformed"),
+    "huge declared size": (
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (600000000,), }",
+        "expected 600000000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_check_rejects_hostile_headers(case):
+    header, message = HOSTILE_HEADERS[case]
+
+    with pytest.raises(InvalidDatasetError, match=message):
+        check_dataset(archive_with("y_train", npy_bytes(header, LABELS)))
+
+
+def test_check_rejects_oversized_header():
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1200,), }"
+    member = npy_bytes(header + " " * 20_000, LABELS, version=(2, 0))
+
+    with pytest.raises(InvalidDatasetError, match="more than the 10000 bytes"):
+        check_dataset(archive_with("y_train", member))
+
+
+def test_check_rejects_unknown_npy_version():
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (1200,), }"
+
+    with pytest.raises(InvalidDatasetError, match=r"version \(1, 5\)"):
+        check_dataset(
+            archive_with("y_train", npy_bytes(header, LABELS, version=(1, 5)))
+        )
+
+
+def test_check_rejects_missing_digit():
+    arrays = make_arrays()
+    arrays["y_test"] = np.ones(200, np.uint8)
+
+    with pytest.raises(
+        InvalidDatasetError, match=r"y_test has no examples of digits \[0, 2"
+    ):
+        check_dataset(npz(**arrays))
+
+
+def test_check_rejects_bytes_before_archive():
+    data = npz(**make_arrays()).getvalue()
+
+    with pytest.raises(InvalidDatasetError, match="not a readable .npz"):
+        check_dataset(io.BytesIO(b"junk" + data))
+
+
+def test_check_rejects_encrypted_member():
+    data = bytearray(npz(compressed=False, **make_arrays()).getvalue())
+    directory = data.rfind(b"PK\x01\x02")
+    data[directory + 8] |= 0x01  # general purpose flag: encrypted
+
+    with pytest.raises(InvalidDatasetError, match="unreadable or corrupted"):
+        check_dataset(io.BytesIO(bytes(data)))
+
+
+def test_check_raises_only_invalid_dataset_on_damage():
+    # Flip bytes across the whole archive: every outcome is a pass or a
+    # clear rejection, never another exception.
+    data = npz(**make_arrays(train=1000, test=100)).getvalue()
+    rng = np.random.default_rng(7)
+    for position in rng.integers(0, len(data), 300):
+        damaged = bytearray(data)
+        damaged[position] ^= int(rng.integers(1, 256))
+        with contextlib.suppress(InvalidDatasetError):
+            check_dataset(io.BytesIO(bytes(damaged)))
+
+
+def test_check_agrees_with_numpy_on_valid_data():
+    source = npz(**make_arrays())
+    check_dataset(source)
+    source.seek(0)
+
+    dataset = load_dataset(source)
+
+    assert dataset.x_train.shape == (1200, 28, 28)

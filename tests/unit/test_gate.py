@@ -298,3 +298,52 @@ def test_ready_report_before_review_is_retried(gate, store, ec2, lambda_context)
     with pytest.raises(gate.CutoverPendingError):
         gate.lambda_handler(ready(store, ec2, "i-0123456789abcdef0"), lambda_context)
     assert store.get_serving() is None
+
+
+def test_cutover_retry_still_retires_old_server(
+    gate, store, ec2, lambda_context, monkeypatch
+):
+    # GIVEN a cutover that moved the pointer, then failed to save the run
+    old_server = serving(store, ec2, accuracy=0.99)
+    training_run(store, ec2)
+    gate.lambda_handler(meta_event(), lambda_context)
+    new_server = store.get_run(RUN_ID).server_instance_id
+    event = ready(store, ec2, new_server)
+    original_put_run = store.put_run
+    calls = []
+
+    def failing_put_run(record):
+        calls.append(record.status)
+        raise RuntimeError("S3 unavailable")
+
+    monkeypatch.setattr(
+        gate.PipelineStore, "put_run", lambda self, r: failing_put_run(r)
+    )
+    with pytest.raises(RuntimeError):
+        gate.lambda_handler(event, lambda_context)
+    monkeypatch.undo()
+    assert original_put_run
+
+    # WHEN the event is retried
+    gate.lambda_handler(event, lambda_context)
+
+    # THEN the old server is retired and the pointer keeps the right history
+    pointer = store.get_serving()
+    assert pointer.instance_id == new_server
+    assert pointer.previous_version == OLD_RUN_ID
+    assert state(ec2, old_server) == "terminated"
+    assert store.get_run(RUN_ID).status == RunStatus.PROMOTED
+
+
+def test_malformed_run_record_is_ignored(gate, store, ec2, lambda_context):
+    trainer_id = training_run(store, ec2)
+    store.s3.put_object(
+        Bucket=BUCKET,
+        Key=keys.run_record(RUN_ID),
+        Body=b'{"run_id": "x", "train_size": 1.5}',
+    )
+
+    result = gate.lambda_handler(meta_event(), lambda_context)
+
+    assert result == {"runs": []}
+    assert state(ec2, trainer_id) == "running"

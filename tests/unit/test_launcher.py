@@ -168,7 +168,10 @@ def test_event_during_unfinished_claim_raises(
     event = put("data/mnist.npz", small_mnist_npz)
     etag = event["Records"][0]["s3"]["object"]["eTag"]
     store = PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
-    store.claim_upload("data/mnist.npz", etag, "20261204T150000Z-aaaaaaaa", 150)
+    version_id = event["Records"][0]["s3"]["object"]["versionId"]
+    store.claim_upload(
+        "data/mnist.npz", etag, "20261204T150000Z-aaaaaaaa", 150, version_id
+    )
 
     # WHEN a second delivery arrives THEN it raises, so the event is retried
     with pytest.raises(UploadInProgressError):
@@ -183,7 +186,9 @@ def test_stale_claim_is_taken_over(launcher, lambda_context, small_mnist_npz):
     s3 = boto3.client("s3", region_name=REGION)
     s3.put_object(
         Bucket=BUCKET,
-        Key=keys.upload_lock("data/mnist.npz", etag),
+        Key=keys.upload_lock(
+            "data/mnist.npz", etag, event["Records"][0]["s3"]["object"]["versionId"]
+        ),
         Body=json.dumps(
             {
                 "run_id": "20261204T150000Z-aaaaaaaa",
@@ -241,3 +246,18 @@ def test_missing_setting_fails_at_import(aws, monkeypatch):
 
     with pytest.raises(Exception, match="TRAINER_LAUNCH_TEMPLATE_ID is missing"):
         load_function("launcher")
+
+
+def test_same_bytes_uploaded_again_start_new_run(
+    launcher, lambda_context, small_mnist_npz
+):
+    # GIVEN an upload, then the same bytes uploaded again: a new S3 version
+    first = put("data/mnist.npz", small_mnist_npz)
+    second = put("data/mnist.npz", small_mnist_npz)
+    second["Records"][0]["s3"]["object"]["versionId"] = "second-version"
+
+    launcher.lambda_handler(first, lambda_context)
+    launcher.lambda_handler(second, lambda_context)
+
+    assert len(runs()) == 2
+    assert len(trainer_instances()) == 2
