@@ -1,3 +1,4 @@
+import contextlib
 import io
 
 import numpy as np
@@ -98,3 +99,39 @@ def test_truncated_image_is_refused(small_mnist):
 
     with pytest.raises(InvalidImageError, match="truncated or corrupt"):
         preprocess(data[: len(data) // 2])
+
+
+def test_nan_float_image_is_handled():
+    pixels = np.full((28, 28), 255, np.float32)
+    pixels[5:20, 12:15] = 0
+    pixels[10, 13] = np.nan
+
+    result = preprocess(encode(Image.fromarray(pixels, mode="F"), "TIFF"))
+
+    assert result.max() > 128
+    assert np.isfinite(result).all()
+
+
+def test_large_blank_image_is_refused_cheaply():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InvalidImageError, match="blank"):
+        preprocess(encode(Image.new("RGB", (5000, 5000), "white")))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    # ru_maxrss is in KiB on Linux: the peak grew by less than 300 MiB.
+    assert after - before < 300 * 1024
+
+
+def test_tightly_cropped_ones_are_mostly_found(small_mnist):
+    ones = small_mnist.x_test[small_mnist.y_test == 1]
+    found = 0
+    for digit in ones:
+        rows = np.flatnonzero(digit.max(axis=1))
+        cols = np.flatnonzero(digit.max(axis=0))
+        crop = 255 - digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        with contextlib.suppress(InvalidImageError):
+            found += preprocess(encode(Image.fromarray(crop))).max() > 128
+
+    assert found >= 0.9 * len(ones)

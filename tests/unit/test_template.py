@@ -153,3 +153,24 @@ def test_server_imports_no_tensorflow():
     )
 
     assert result.stdout.strip() == ""
+
+
+def test_every_role_that_reads_can_list_the_bucket():
+    # S3 returns 403 instead of 404 for a missing key without ListBucket, and
+    # every role treats some missing keys as normal.
+    for name, resource in TEMPLATE["Resources"].items():
+        properties = resource.get("Properties", {})
+        if resource["Type"] == "AWS::Serverless::Function":
+            statements = [s for p in properties["Policies"] for s in p["Statement"]]
+        elif resource["Type"] == "AWS::IAM::Role":
+            statements = [
+                s
+                for p in properties.get("Policies", [])
+                for s in p["PolicyDocument"]["Statement"]
+            ]
+        else:
+            continue
+        actions = {s["Action"] for s in statements if isinstance(s["Action"], str)}
+
+        assert "s3:GetObject" in actions, name
+        assert "s3:ListBucket" in actions, name

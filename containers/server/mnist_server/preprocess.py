@@ -18,6 +18,8 @@ MNIST_SIZE = 28
 MNIST_BOX = 20
 # Pixel-count limit, checked from the header before any pixel is decoded.
 MAX_PIXELS = 25_000_000
+# Larger images are shrunk to this longest side before any float work.
+MAX_WORKING_SIDE = 512
 # Pixels above this level (of 255, after stretching the brightest ink to
 # 255) count as ink when finding the digit's box. Low, so that an MNIST
 # digit's faint anti-aliased edge stays inside its box.
@@ -67,18 +69,33 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
+def downscale(image: Image.Image) -> Image.Image:
+    """Shrink an image so its longest side is at most `MAX_WORKING_SIDE`.
+
+    Keeps the aspect ratio. A digit needs far fewer pixels than a photo
+    has, and the float arrays of a full 25-megapixel image would take
+    gigabytes.
+    """
+    if max(image.size) <= MAX_WORKING_SIDE:
+        return image
+    if image.mode not in ("L", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L"):
+        image = image.convert("RGBA")
+    image = image.copy()
+    image.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE), Image.Resampling.BOX)
+
+    return image
+
+
 def to_luminance(image: Image.Image) -> np.ndarray:
-    """Return the image as float luminance 0-255, transparency composited."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
+    """Return the image as float32 luminance 0-255, transparency composited."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
         # 16-bit PNGs decode to mode I or I;16 with values up to 65535.
         scale = 255.0 / 65535.0 if pixels.max(initial=0) > 255 else 1.0
         return np.clip(pixels * scale, 0, 255)
-    if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
 
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
-    luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     alpha = rgba[..., 3] / 255.0
     if alpha.min() == 1.0:
         return luminance
@@ -92,6 +109,10 @@ def to_luminance(image: Image.Image) -> np.ndarray:
     return luminance * alpha + paper * (1.0 - alpha)
 
 
+def _border_pixels(pixels: np.ndarray) -> np.ndarray:
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def to_mnist(image: Image.Image) -> np.ndarray:
     """Return a 28x28 uint8 MNIST-style digit: light ink on black, centred.
 
@@ -100,17 +121,19 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     InvalidImageError
         When the image contains no ink at all.
     """
-    pixels = to_luminance(image)
+    pixels = to_luminance(downscale(image))
 
     # Light paper: invert so that ink is bright, as in MNIST.
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    border = _border_pixels(pixels)
     if np.median(border) > 127:
         pixels = 255.0 - pixels
         border = 255.0 - border
 
-    # Remove the paper's level and its noise, measured on the border with
-    # the median and the median absolute deviation, which ink touching the
-    # border barely moves.
+    # Remove the paper's level and its noise: the border's median and three
+    # median absolute deviations, which ink touching the border barely moves.
+    # NOTE: a crop so tight that ink covers most of the border (a thin "1"
+    # cut at its ink box) reads as blank; 37 of MNIST's 1,135 test "1"s do
+    # when cropped that way.
     paper = np.median(border)
     noise = 3 * np.median(np.abs(border - paper))
     pixels = np.clip(pixels - paper, 0, None)
