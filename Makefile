@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine:
 #   make demo   install, then run the whole loop on the local cloud
+#               (DATA=dir of MNIST IDX files, PORT=local AWS endpoint port)
 #   make test   install, then run every check CI runs
 # Both create .venv from constraints.txt; `make test` also creates .venv-sam
 # for the AWS SAM CLI.
@@ -9,7 +10,8 @@ VENV := .venv
 SAM_VENV := .venv-sam
 BIN := $(VENV)/bin
 DATA ?=
-DEMO_ARGS := $(if $(DATA),--data $(DATA),)
+PORT ?= 5000
+DEMO_ARGS := --port $(PORT) $(if $(DATA),--data $(DATA),)
 
 export SAM_CLI_TELEMETRY = 0
 

@@ -11,6 +11,7 @@ import datetime
 import io
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -124,24 +125,43 @@ def wait_for_run(
     )
 
 
-def predict_files(url: str, files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
-    """POST each image to ``{url}/predict`` and return the responses by name."""
+def predict_files(
+    url: str, files: dict[str, bytes], strict: bool = True
+) -> dict[str, dict[str, Any]]:
+    """POST each image to ``{url}/predict`` and return the responses by name.
+
+    A file the server rejects raises `CommandError` when ``strict``;
+    otherwise its entry is ``{"error": <the server's detail>}``.
+    """
     import requests
 
     results = {}
     with requests.Session() as session:
         for name, data in files.items():
-            response = session.post(
-                f"{url}/predict",
-                files={"file": (name, data, "application/octet-stream")},
-                timeout=PREDICT_TIMEOUT_SECONDS,
-            )
-            if response.status_code != 200:
+            try:
+                response = session.post(
+                    f"{url}/predict",
+                    files={"file": (name, data, "application/octet-stream")},
+                    timeout=PREDICT_TIMEOUT_SECONDS,
+                )
+            except requests.RequestException as exc:
+                raise CommandError(
+                    f"Cannot reach the server at {url} ({type(exc).__name__}); check "
+                    "that it runs (`mnist-pipeline status` shows its URL)."
+                ) from exc
+            if response.status_code == 200:
+                results[name] = response.json()
+                continue
+            try:
+                detail = response.json()["detail"]
+            except (ValueError, KeyError, TypeError):
+                detail = response.text[:300]
+            if strict:
                 raise CommandError(
                     f"{url}/predict rejected {name} with {response.status_code}: "
-                    f"{response.text[:300]}"
+                    f"{detail}"
                 )
-            results[name] = response.json()
+            results[name] = {"error": f"{response.status_code}: {detail}"}
 
     return results
 
@@ -210,15 +230,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(record.to_json().decode())
         meta = store.get_train_meta(args.run_id)
         if meta is not None:
-            print(
-                f"train_meta.json: s3://{store.bucket}/{keys.train_meta(args.run_id)}"
-            )
-            print(
-                f"  status {meta.status}, test accuracy "
-                f"{_format_accuracy(meta.test_accuracy)}, timings {meta.timings}"
-            )
-            if meta.error:
-                print(f"  error: {meta.error}")
+            print(f"s3://{store.bucket}/{keys.train_meta(args.run_id)}:")
+            print(meta.to_json().decode())
         return 0
 
     records = store.list_runs()
@@ -261,13 +274,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"Cannot read {path}: {exc.strerror}.") from exc
 
-    for path, result in predict_files(url.rstrip("/"), files).items():
+    failed = 0
+    for path, result in predict_files(url.rstrip("/"), files, strict=False).items():
+        if "error" in result:
+            failed += 1
+            print(f"{path}: rejected, {result['error']}")
+            continue
         print(
             f"{path}: {result['digit']} (confidence {result['confidence']:.3f}, "
             f"model {result['model_version']})"
         )
 
-    return 0
+    return 2 if failed else 0
 
 
 def _demo_dataset(data: str | None) -> tuple[Dataset, str]:
@@ -394,10 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrain and serve an MNIST CNN on AWS or on the local cloud.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     local = commands.add_parser("local", help="run the local cloud")
-    local_commands = local.add_subparsers(dest="local_command", required=True)
+    local_commands = local.add_subparsers(
+        dest="local_command", required=True, metavar="COMMAND"
+    )
     up = local_commands.add_parser(
         "up", help="start moto, the event dispatcher and the instance runner"
     )
@@ -455,14 +475,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_termination() -> None:
+    """Make SIGTERM and SIGHUP stop the local cloud the way Ctrl-C does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     args = build_parser().parse_args(argv)
     configure_logging()
+    if args.command in ("local", "demo"):
+        _stop_on_termination()
     try:
         return args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (BotoCoreError, ClientError) as exc:
+        print(
+            f"error: An AWS request failed: {exc}. Check the credentials and the "
+            "endpoint; for the local cloud, paste the exports that "
+            "`mnist-pipeline local up` printed.",
+            file=sys.stderr,
+        )
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+    return 2
 
 
 if __name__ == "__main__":

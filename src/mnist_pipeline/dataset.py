@@ -49,7 +49,10 @@ _MAX_HEADER_BYTES = 10_000
 _UINT8_DESCRS = ("|u1", "<u1", ">u1")
 _CHUNK_BYTES = 1 << 20
 
-FIX_HINT = "Create the dataset with `mnist-pipeline upload` or `save_dataset`."
+FIX_HINT = (
+    "Package the data with `mnist-pipeline upload SOURCE`, which writes and "
+    "checks this format"
+)
 
 
 class Dataset(NamedTuple):
@@ -70,7 +73,7 @@ class DatasetSummary:
 
 
 def _invalid(problem: str) -> InvalidDatasetError:
-    return InvalidDatasetError(f"{problem}. {FIX_HINT}")
+    return InvalidDatasetError(f"{problem}. {FIX_HINT}.")
 
 
 def _read_npy_header(stream: IO[bytes], name: str) -> tuple[str, tuple[int, ...]]:
@@ -201,6 +204,8 @@ def _class_counts(counts: list[int], name: str) -> list[int]:
 def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
     """Validate a dataset object and return its sizes and label counts.
 
+    ``source`` is a path or a seekable binary file, read from its start.
+
     Uses only the standard library and never holds more than one chunk of
     an array in memory. Reads every byte, so a truncated or corrupted
     object fails here rather than on the trainer.
@@ -237,9 +242,9 @@ def _check_archive(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
     try:
         # numpy.load tells an .npz from a .npy or a pickle by its first
         # bytes, so the archive must start with a zip entry.
-        start = source.tell()
+        source.seek(0)
         magic = source.read(4)
-        source.seek(start)
+        source.seek(0)
         not_npz = _invalid(
             "The object is not a readable .npz archive (empty, truncated or "
             "another format)"

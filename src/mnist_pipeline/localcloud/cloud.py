@@ -1,13 +1,17 @@
 """Start and stop the whole local cloud."""
 
+import contextlib
+import io
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
 import boto3
 from moto.server import ThreadedMotoServer
 
+from mnist_pipeline.exceptions import PipelineError
 from mnist_pipeline.localcloud import template as cfn
 from mnist_pipeline.localcloud.dispatcher import (
     MAX_ATTEMPTS,
@@ -23,6 +27,10 @@ REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
 DEFAULT_PORT = 5000
 DEFAULT_STACK_NAME = "mnist-pipeline-local"
+
+
+class LocalCloudError(PipelineError):
+    """The local cloud cannot start; the message names the fix."""
 
 
 class LocalCloud:
@@ -51,9 +59,9 @@ class LocalCloud:
         self.project_dir = Path(project_dir).resolve()
         self.template_path = self.project_dir / "template.yaml"
         if not self.template_path.is_file():
-            raise FileNotFoundError(
-                f"{self.template_path} not found; run the local cloud from the "
-                "repository root or pass its path."
+            raise LocalCloudError(
+                f"{self.template_path} not found; run from the repository root or "
+                "pass it with --project-dir."
             )
         self.port = port
         self.state_dir = Path(state_dir).resolve()
@@ -88,8 +96,18 @@ class LocalCloud:
     def start(self) -> "LocalCloud":
         """Start moto, create the stack's resources and start the workers."""
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # moto's server waits forever for a port it cannot bind; check first.
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise LocalCloudError(
+                    f"Port {self.port} on 127.0.0.1 is in use ({exc.strerror}); pass "
+                    "a free one with --port (make demo PORT=...)."
+                ) from exc
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
-        self._server.start()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._server.start()  # moto prints a start banner to stdout
         logger.info("moto server listening on %s", self.endpoint_url)
 
         template = cfn.load_template(self.template_path)

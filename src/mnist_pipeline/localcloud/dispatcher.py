@@ -104,18 +104,20 @@ class EventDispatcher:
             return
 
         attempt = int(message["Attributes"]["ApproximateReceiveCount"])
-        if self.invoke(function, message["Body"]):
+        error = self.invoke(function, message["Body"])
+        if error is None:
             self._delete(function, message)
             return
 
         self.failures += 1
         if attempt < MAX_ATTEMPTS:
             logger.warning(
-                "%s failed (attempt %d of %d), retrying in %d s",
+                "%s failed (attempt %d of %d), retrying in %d s: %s",
                 function.name,
                 attempt,
                 MAX_ATTEMPTS,
                 RETRY_AFTER_SECONDS,
+                error,
             )
             self.sqs.change_message_visibility(
                 QueueUrl=function.queue_url,
@@ -134,24 +136,31 @@ class EventDispatcher:
             QueueUrl=function.queue_url, ReceiptHandle=message["ReceiptHandle"]
         )
 
-    def invoke(self, function: FunctionQueue, event_json: str) -> bool:
-        """Run the handler once in a new process; return whether it succeeded."""
-        self.invocations += 1
-        with open(function.log_path, "a") as log:
-            completed = subprocess.run(  # noqa: S603
-                [
-                    sys.executable,
-                    "-m",
-                    "mnist_pipeline.localcloud.invoke",
-                    str(function.code_dir),
-                    function.handler,
-                ],
-                input=event_json,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **function.environment},
-                text=True,
-                check=False,
-            )
+    def invoke(self, function: FunctionQueue, event_json: str) -> str | None:
+        """Run the handler once in a new process.
 
-        return completed.returncode == 0
+        Returns None on success, else the last line of its error output.
+        """
+        self.invocations += 1
+        completed = subprocess.run(  # noqa: S603
+            [
+                sys.executable,
+                "-m",
+                "mnist_pipeline.localcloud.invoke",
+                str(function.code_dir),
+                function.handler,
+            ],
+            input=event_json,
+            capture_output=True,
+            env={**os.environ, **function.environment},
+            text=True,
+            check=False,
+        )
+        with open(function.log_path, "a") as log:
+            log.write(completed.stdout)
+            log.write(completed.stderr)
+        if completed.returncode == 0:
+            return None
+
+        lines = completed.stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit code {completed.returncode}"
