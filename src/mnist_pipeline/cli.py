@@ -60,6 +60,14 @@ def _store(args: argparse.Namespace) -> PipelineStore:
     return PipelineStore(_s3(args.endpoint_url), bucket)
 
 
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    # One PUT up to 128 MiB (MNIST is 11 MB), multipart above, as S3 advises
+    # for objects over 100 MB.
+    return TransferConfig(multipart_threshold=128 * 1024**2)
+
+
 def upload_dataset(
     store: PipelineStore, dataset: Dataset, name: str, progress: bool = True
 ) -> tuple[str, str]:
@@ -90,7 +98,9 @@ def upload_dataset(
     with tqdm(
         total=size, unit="B", unit_scale=True, disable=not progress, desc="upload"
     ) as bar:
-        store.s3.upload_fileobj(body, store.bucket, key, Callback=bar.update)
+        store.s3.upload_fileobj(
+            body, store.bucket, key, Callback=bar.update, Config=_transfer_config()
+        )
     etag = store.s3.head_object(Bucket=store.bucket, Key=key)["ETag"].strip('"')
 
     return key, etag

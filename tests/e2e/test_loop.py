@@ -136,3 +136,79 @@ def test_retraining_replaces_the_server(cloud, mnist):
     assert [
         server.instance_id for server in cloud.runner.running(instances.SERVER_ROLE)
     ] == [new.instance_id]
+
+
+def as_user_picture(digit: np.ndarray, style: int) -> bytes:
+    """Render an MNIST test digit the way users send digits.
+
+    Black ink on white paper, 280x280, off-centre, as PNG, JPEG or RGBA with
+    a transparent background, by ``style``.
+    """
+    ink = Image.fromarray(255 - digit).resize((160, 160), Image.Resampling.BICUBIC)
+    paper = Image.new("L", (280, 280), 255)
+    offset = (20 + 11 * (style % 7), 30 + 13 * (style % 5))
+    paper.paste(ink, offset)
+    buffer = io.BytesIO()
+    if style % 3 == 0:
+        paper.save(buffer, format="PNG")
+    elif style % 3 == 1:
+        paper.convert("RGB").save(buffer, format="JPEG", quality=85)
+    else:
+        rgba = np.zeros((280, 280, 4), np.uint8)
+        rgba[..., 3] = 255 - np.asarray(paper)  # black ink, transparent paper
+        Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def served_classifier(cloud):
+    from mnist_server.classifier import DigitClassifier
+
+    from mnist_pipeline import keys
+
+    version = cloud.store.get_serving().model_version
+    return DigitClassifier(cloud.store.get_bytes(keys.tflite_model(version)), version)
+
+
+def test_user_pictures_are_read_like_mnist(cloud, mnist):
+    from mnist_server.preprocess import preprocess
+
+    serving = cloud.store.get_serving()
+    classifier = served_classifier(cloud)
+    images, labels = mnist.x_test[:500], mnist.y_test[:500]
+    correct = squeezed_correct = 0
+    with requests.Session() as session:
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            picture = as_user_picture(image, index)
+            response = session.post(
+                f"{serving.url}/predict", files={"file": ("digit", picture)}, timeout=10
+            )
+            assert response.status_code == 200
+            correct += response.json()["digit"] == label
+
+            # Without MNIST's steps: the picture squeezed to 28x28 and inverted.
+            plain = Image.open(io.BytesIO(picture)).convert("L").resize((28, 28))
+            squeezed = 255 - np.asarray(plain, dtype=np.uint8)
+            squeezed_correct += classifier.predict(squeezed).argmax() == label
+    assert preprocess(png(images[0])).shape == (28, 28)
+
+    print(
+        f"\nuser-style pictures: {correct}/500 correct with preprocessing, "
+        f"{squeezed_correct}/500 squeezed to 28x28 without it"
+    )
+    assert correct >= 0.95 * len(labels)
+
+
+def test_mnist_digits_pass_preprocessing_unchanged(cloud, mnist):
+    from mnist_server.preprocess import preprocess
+
+    classifier = served_classifier(cloud)
+    raw = preprocessed = 0
+    for image, label in zip(mnist.x_test, mnist.y_test, strict=True):
+        raw += classifier.predict(image).argmax() == label
+        preprocessed += classifier.predict(preprocess(png(image))).argmax() == label
+
+    print(
+        f"\nMNIST test accuracy: {raw / 100:.2f}% raw, {preprocessed / 100:.2f}% "
+        "through preprocessing"
+    )
+    assert abs(raw - preprocessed) <= 10  # 0.1 points of 10,000 digits
