@@ -85,7 +85,11 @@ def test_upload_trains_gates_and_serves(cloud, mnist):
 
     # AND 100 real test digits sent over HTTP come back right
     health = requests.get(f"{serving.url}/health", timeout=10).json()
-    assert health == {"status": "ok", "model_version": run.run_id}
+    assert health == {
+        "status": "ok",
+        "model_version": run.run_id,
+        "run_id": run.run_id,
+    }
     correct = 0
     with requests.Session() as session:
         for image, label in zip(mnist.x_test[:100], mnist.y_test[:100], strict=True):

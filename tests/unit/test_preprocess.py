@@ -135,3 +135,12 @@ def test_tightly_cropped_ones_are_mostly_found(small_mnist):
             found += preprocess(encode(Image.fromarray(crop))).max() > 128
 
     assert found >= 0.9 * len(ones)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 108, 111])
+def test_median_matches_numpy(size):
+    from mnist_server.preprocess import _median
+
+    values = np.random.default_rng(size).random(size).astype(np.float32) * 255
+
+    assert _median(values) == pytest.approx(float(np.median(values)), abs=1e-3)

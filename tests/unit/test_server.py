@@ -56,7 +56,11 @@ def test_health_names_model_version(client):
     response = client.get("/health")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model_version": VERSION}
+    assert response.json() == {
+        "status": "ok",
+        "model_version": VERSION,
+        "run_id": VERSION,
+    }
 
 
 def test_predicts_real_test_digits(client, small_mnist):
@@ -71,6 +75,7 @@ def test_predicts_real_test_digits(client, small_mnist):
         assert abs(sum(body["probabilities"]) - 1) < 1e-3
         assert body["confidence"] == max(body["probabilities"])
         assert body["model_version"] == VERSION
+        assert body["run_id"] == VERSION
         correct += body["digit"] == label
 
     assert correct >= 45
