@@ -136,7 +136,13 @@ def start_run(
         )
         return record
 
-    record.update(train_size=summary.train_size, test_size=summary.test_size)
+    record.update(
+        train_size=summary.train_size,
+        test_size=summary.test_size,
+        warnings=summary.warnings or None,
+    )
+    for warning in summary.warnings:
+        logger.warning("Dataset warning", extra={"warning": warning})
     store.put_run(record)
 
     # The trainer reads the run record for its data key, so the record

@@ -21,6 +21,7 @@ unpickles.
 
 import ast
 import dataclasses
+import hashlib
 import math
 import os
 import struct
@@ -38,6 +39,9 @@ NUM_CLASSES = 10
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 MIN_TRAIN_SIZE = 1_000
 MIN_TEST_SIZE = 100
+# A train split whose largest class exceeds its smallest by this factor gets
+# a warning (MNIST's ratio is 1.24).
+IMBALANCE_RATIO = 3
 # Size limit of an uploaded object, checked before it is downloaded.
 MAX_OBJECT_BYTES = 1024**3
 # Uncompressed size limit, checked before decompressing: MNIST is 55 MB.
@@ -70,6 +74,7 @@ class DatasetSummary:
     test_size: int
     train_class_counts: list[int]
     test_class_counts: list[int]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def _invalid(problem: str) -> InvalidDatasetError:
@@ -163,20 +168,66 @@ def _declared_shape(archive: zipfile.ZipFile, name: str, ndim: int) -> tuple[int
     return shape
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, count_labels: bool) -> list[int]:
-    """Read one array to its end, so zipfile verifies its size and CRC.
+def _read_labels(archive: zipfile.ZipFile, name: str) -> list[int]:
+    """Read a label array to its end and return how often each byte occurs.
 
-    Returns how often each byte value occurs when ``count_labels`` is set.
+    Reading to the end makes zipfile verify the member's size and CRC.
     """
     counts = [0] * 256
     with archive.open(f"{name}.npy") as stream:
         _read_npy_header(stream, name)
         for chunk in _iter_chunks(stream):
-            if count_labels:
-                for value in set(chunk):
-                    counts[value] += chunk.count(value)
+            for value in set(chunk):
+                counts[value] += chunk.count(value)
 
     return counts
+
+
+def _read_image_digests(archive: zipfile.ZipFile, name: str) -> list[bytes]:
+    """Read an image array to its end and return an 8-byte digest per image."""
+    image_bytes = IMAGE_SIZE * IMAGE_SIZE
+    digests = []
+    pending = b""
+    with archive.open(f"{name}.npy") as stream:
+        _read_npy_header(stream, name)
+        for chunk in _iter_chunks(stream):
+            pending += chunk
+            whole = len(pending) - len(pending) % image_bytes
+            for start in range(0, whole, image_bytes):
+                image = pending[start : start + image_bytes]
+                digests.append(hashlib.blake2b(image, digest_size=8).digest())
+            pending = pending[whole:]
+
+    return digests
+
+
+def _data_warnings(
+    train_digests: list[bytes],
+    test_digests: list[bytes],
+    train_counts: list[int],
+) -> list[str]:
+    """Describe problems that do not block training but weaken its result."""
+    warnings = []
+    smallest, largest = min(train_counts), max(train_counts)
+    if largest > IMBALANCE_RATIO * smallest:
+        warnings.append(
+            f"Strong class imbalance in y_train: the largest class has {largest} "
+            f"images, the smallest {smallest}."
+        )
+    repeated_train = len(train_digests) - len(set(train_digests))
+    if repeated_train:
+        warnings.append(f"x_train repeats {repeated_train} images.")
+    repeated_test = len(test_digests) - len(set(test_digests))
+    if repeated_test:
+        warnings.append(f"x_test repeats {repeated_test} images.")
+    leaked = len(set(test_digests) & set(train_digests))
+    if leaked:
+        warnings.append(
+            f"{leaked} x_test images also appear in x_train, so the test accuracy "
+            "overstates how well the model generalizes."
+        )
+
+    return warnings
 
 
 def _iter_chunks(stream: IO[bytes]) -> Iterator[bytes]:
@@ -304,16 +355,17 @@ def _check_members(archive: zipfile.ZipFile) -> DatasetSummary:
             f"The test split has {x_test[0]} images, fewer than {MIN_TEST_SIZE}"
         )
 
-    for name in ("x_train", "x_test"):
-        _read_member(archive, name, count_labels=False)
-    train_counts = _read_member(archive, "y_train", count_labels=True)
-    test_counts = _read_member(archive, "y_test", count_labels=True)
+    train_digests = _read_image_digests(archive, "x_train")
+    test_digests = _read_image_digests(archive, "x_test")
+    train_counts = _class_counts(_read_labels(archive, "y_train"), "y_train")
+    test_counts = _class_counts(_read_labels(archive, "y_test"), "y_test")
 
     return DatasetSummary(
         train_size=x_train[0],
         test_size=x_test[0],
-        train_class_counts=_class_counts(train_counts, "y_train"),
-        test_class_counts=_class_counts(test_counts, "y_test"),
+        train_class_counts=train_counts,
+        test_class_counts=test_counts,
+        warnings=_data_warnings(train_digests, test_digests, train_counts),
     )
 
 

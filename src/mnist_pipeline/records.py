@@ -125,6 +125,7 @@ class RunRecord(_Document):
     data_size: int | None = None
     training_epochs: int | None = None
     reason: str | None = None
+    warnings: list | None = None  # dataset problems that did not block the run
     train_size: int | None = None
     test_size: int | None = None
     trainer_instance_id: str | None = None

@@ -306,3 +306,30 @@ def test_check_agrees_with_numpy_on_valid_data():
     dataset = load_dataset(source)
 
     assert dataset.x_train.shape == (1200, 28, 28)
+
+
+def test_real_mnist_has_no_warnings(small_mnist_npz):
+    assert check_dataset(io.BytesIO(small_mnist_npz)).warnings == []
+
+
+def test_imbalance_is_warned_not_rejected():
+    arrays = make_arrays()
+    arrays["y_train"] = np.concatenate(
+        [np.zeros(1000, np.uint8), np.arange(200, dtype=np.uint8) % 10]
+    )
+
+    summary = check_dataset(npz(**arrays))
+
+    assert summary.train_size == 1200
+    assert any("Strong class imbalance" in w for w in summary.warnings)
+
+
+def test_repeated_and_leaked_images_are_warned():
+    arrays = make_arrays()
+    arrays["x_train"][1] = arrays["x_train"][0]
+    arrays["x_test"][:3] = arrays["x_train"][10:13]
+
+    warnings = check_dataset(npz(**arrays)).warnings
+
+    assert "x_train repeats 1 images." in warnings
+    assert any(w.startswith("3 x_test images also appear in x_train") for w in warnings)

@@ -70,6 +70,7 @@ def test_valid_upload_starts_one_tagged_trainer(
     assert run.train_size == 3000
     assert run.test_size == 500
     assert run.training_epochs == 2
+    assert run.warnings is None
     assert run.trainer_instance_id == instance["InstanceId"]
     assert tags[instances.ROLE_TAG] == instances.TRAINER_ROLE
     assert tags[instances.RUN_ID_TAG] == run.run_id
