@@ -25,6 +25,7 @@ from mnist_pipeline import keys
 from mnist_pipeline.records import ServerReady, utc_now
 from mnist_pipeline.settings import ServerSettings
 from mnist_pipeline.store import PipelineStore
+from mnist_server import page
 from mnist_server.classifier import DigitClassifier
 from mnist_server.metrics import MetricsMiddleware, ServerMetrics
 from mnist_server.preprocess import InvalidImageError, preprocess
@@ -139,6 +140,7 @@ def create_app(
     app.state.classifier = None
     metrics = ServerMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(page.router)
 
     # Routes are async: a small image is decoded and classified in well under
     # a millisecond, less than a hop to the thread pool costs. Uploads larger
