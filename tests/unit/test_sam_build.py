@@ -13,6 +13,8 @@ from tests.conftest import ROOT
 BUILD_DIR = ROOT / ".aws-sam" / "build"
 PACKAGES = ["LauncherFunction", "GateFunction", "DomainLayer"]
 MAX_PACKAGE_BYTES = 5 * 1024 * 1024
+# Lambda's limit on a function and its layers, unzipped.
+MAX_LAMBDA_BYTES = 250 * 1024 * 1024
 
 if not (BUILD_DIR / "template.yaml").is_file():
     message = f"{BUILD_DIR} has no build; run `make build` (needs python3.13)."
@@ -51,3 +53,13 @@ def test_layer_holds_domain_package():
     assert (
         BUILD_DIR / "DomainLayer" / "python" / "mnist_pipeline" / "dataset.py"
     ).is_file()
+
+
+def test_serving_function_fits_lambda_without_tensorflow():
+    files = package_files("ServingFunction") + package_files("ServerCodeLayer")
+    top_level = {path.relative_to(BUILD_DIR).parts[1] for path in files}
+
+    assert sum(path.stat().st_size for path in files) < MAX_LAMBDA_BYTES
+    assert "ai_edge_litert" in top_level
+    for forbidden in ("tensorflow", "keras", "boto3", "botocore"):
+        assert forbidden not in top_level

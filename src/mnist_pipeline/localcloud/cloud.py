@@ -194,6 +194,8 @@ class LocalCloud:
         queue_configurations = []
         functions = []
         for spec in cfn.functions(template):
+            if not spec.triggers:
+                continue  # only S3-triggered functions belong to the loop
             queue_name = f"{self.stack_name}-{spec.logical_id}"
             dead_letter_url = sqs.create_queue(QueueName=f"{queue_name}-dlq")[
                 "QueueUrl"
