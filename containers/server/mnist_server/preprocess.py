@@ -31,6 +31,11 @@ INK_LEVEL = 5
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+# What Pillow's format plugins raise on truncated or malformed files
+# (BLPFormatError is a NotImplementedError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError, EOFError)
+
+
 class InvalidImageError(ValueError):
     """The upload is not an image this server can read as a digit."""
 
@@ -51,6 +56,12 @@ def open_image(data: bytes) -> Image.Image:
             "The uploaded file is not an image format this server reads; "
             "send a PNG or JPEG image."
         ) from exc
+    except _DECODE_ERRORS as exc:
+        # A recognised format whose header is cut off or malformed.
+        raise InvalidImageError(
+            f"The image header could not be read ({exc}); the file is truncated "
+            "or corrupt."
+        ) from exc
 
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -61,7 +72,7 @@ def open_image(data: bytes) -> Image.Image:
     try:
         image = ImageOps.exif_transpose(image)
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise InvalidImageError(
             f"The image could not be decoded ({exc}); it may be truncated or corrupt."
         ) from exc
