@@ -31,7 +31,7 @@ INK_LEVEL = 5
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# What Pillow's format plugins raise on truncated or malformed files
+# Exceptions Pillow's format plugins raise on truncated or malformed files
 # (BLPFormatError is a NotImplementedError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError, EOFError)
 
