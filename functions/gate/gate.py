@@ -201,9 +201,35 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         logger.warning("Ready report matches no pending promotion, ignoring it")
         return None
 
+    # Another run may have been promoted while this server started. Apply the
+    # gate's rule again against what serves now, so that of two parallel
+    # promotions the better model stays, whichever server is ready last.
+    current = store.get_serving()
+    if current and current.instance_id != ready.instance_id:
+        decision, reason = decide(
+            record.test_accuracy or 0.0,
+            current.test_accuracy,
+            SETTINGS.accuracy_threshold,
+            SETTINGS.accuracy_tolerance,
+        )
+        if decision == Decision.REJECT:
+            instances.terminate_instance(ec2, ready.instance_id)
+            record.update(
+                status=RunStatus.NOT_PROMOTED,
+                decision=decision,
+                serving_version=current.model_version,
+                serving_test_accuracy=current.test_accuracy,
+                reason=f"Model {current.model_version} was promoted while this "
+                f"server started. {reason}",
+            )
+            store.put_run(record)
+            logger.info(
+                "Cutover abandoned for a better serving model", extra={"reason": reason}
+            )
+            return record
+
     # On a retry after a partial failure the pointer already names this
     # server, and the server to retire is the one it replaced.
-    current = store.get_serving()
     if current and current.instance_id == ready.instance_id:
         previous_version = current.previous_version
         previous_instance_id = current.previous_instance_id

@@ -347,3 +347,26 @@ def test_malformed_run_record_is_ignored(gate, store, ec2, lambda_context):
 
     assert result == {"runs": []}
     assert state(ec2, trainer_id) == "running"
+
+
+def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context):
+    # GIVEN two runs both promoted against the same older model
+    serving(store, ec2, accuracy=0.955)
+    better, worse = "20261204T150000Z-aaaaaaaa", "20261204T150001Z-bbbbbbbb"
+    training_run(store, ec2, run_id=better, accuracy=0.99)
+    training_run(store, ec2, run_id=worse, accuracy=0.96)
+    gate.lambda_handler(meta_event(better), lambda_context)
+    gate.lambda_handler(meta_event(worse), lambda_context)
+    better_server = store.get_run(better).server_instance_id
+    worse_server = store.get_run(worse).server_instance_id
+
+    # WHEN the better one is ready first, then the worse one
+    gate.lambda_handler(ready(store, ec2, better_server, better), lambda_context)
+    gate.lambda_handler(ready(store, ec2, worse_server, worse), lambda_context)
+
+    # THEN the better model keeps serving and the worse server is gone
+    assert store.get_serving().model_version == better
+    assert store.get_run(worse).status == RunStatus.NOT_PROMOTED
+    assert "was promoted while this server started" in store.get_run(worse).reason
+    assert state(ec2, worse_server) == "terminated"
+    assert state(ec2, better_server) == "running"
