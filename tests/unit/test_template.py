@@ -181,3 +181,33 @@ def test_every_role_that_reads_can_list_the_bucket():
 
         assert "s3:GetObject" in actions, name
         assert "s3:ListBucket" in actions, name
+
+
+def test_bucket_requires_tls_and_expires_leftovers():
+    resources = TEMPLATE["Resources"]
+    [policy] = [r for r in resources.values() if r["Type"] == "AWS::S3::BucketPolicy"]
+    [statement] = policy["Properties"]["PolicyDocument"]["Statement"]
+    rules = resources["PipelineBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+
+    assert statement["Effect"] == "Deny"
+    assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert {rule.get("Prefix") for rule in rules} >= {"locks/", "serving/ready/"}
+    assert any("NoncurrentVersionExpiration" in rule for rule in rules)
+
+
+@pytest.mark.parametrize("name", ["LauncherFunction", "GateFunction"])
+def test_event_functions_have_dlq_and_logs(name):
+    globals_ = TEMPLATE["Globals"]["Function"]
+    log_groups = [
+        r["Properties"]
+        for r in TEMPLATE["Resources"].values()
+        if r["Type"] == "AWS::Logs::LogGroup"
+    ]
+
+    assert globals_["DeadLetterQueue"]["Type"] == "SQS"
+    assert globals_["ReservedConcurrentExecutions"] > 0
+    assert any(
+        group["LogGroupName"] == {"Fn::Sub": f"/aws/lambda/${{{name}}}"}
+        and "RetentionInDays" in group
+        for group in log_groups
+    )
