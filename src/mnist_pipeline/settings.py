@@ -28,6 +28,8 @@ HOST = "HOST"
 PORT = "PORT"
 MAX_UPLOAD_BYTES = "MAX_UPLOAD_BYTES"
 MAX_BATCH_FILES = "MAX_BATCH_FILES"
+MAX_TRAINING_MINUTES = "MAX_TRAINING_MINUTES"
+SERVER_START_MINUTES = "SERVER_START_MINUTES"
 
 T = TypeVar("T")
 
@@ -165,5 +167,34 @@ class ServerSettings:
                 32,
                 lambda v: v > 0,
                 "a positive number of files",
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaperSettings:
+    bucket: str
+    max_training_minutes: int
+    server_start_minutes: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ReaperSettings":
+        return cls(
+            bucket=_read(environ, BUCKET_NAME, str),
+            max_training_minutes=_read(
+                environ,
+                MAX_TRAINING_MINUTES,
+                int,
+                60,
+                lambda v: v > 0,
+                "a positive number of minutes",
+            ),
+            server_start_minutes=_read(
+                environ,
+                SERVER_START_MINUTES,
+                int,
+                15,
+                lambda v: v > 0,
+                "a positive number of minutes",
             ),
         )

@@ -32,6 +32,7 @@ def cloud(tmp_path_factory):
         port=free_port(),
         state_dir=tmp_path_factory.mktemp("localcloud"),
         parameter_overrides={"TrainingEpochs": "1"},
+        schedule_seconds=2,
     )
     with local:
         yield local
@@ -216,3 +217,32 @@ def test_mnist_digits_pass_preprocessing_unchanged(cloud, mnist):
         "through preprocessing"
     )
     assert abs(raw - preprocessed) <= 10  # 0.1 points of 10,000 digits
+
+
+def test_killed_trainer_is_reaped_and_old_model_serves(cloud, mnist):
+    from mnist_pipeline.cli import find_run
+
+    store = cloud.store
+    serving = store.get_serving()
+    assert serving is not None, "needs the model the earlier tests in this module serve"
+    key, etag = upload_dataset(store, mnist, "killed", progress=False)
+
+    def trainer_started():
+        run = find_run(store, key, etag)
+        return run is not None and run.trainer_instance_id is not None
+
+    # GIVEN a trainer that dies mid-run, before it can report
+    assert wait_until(trainer_started, timeout=60)
+    run = find_run(store, key, etag)
+    cloud.client("ec2").terminate_instances(InstanceIds=[run.trainer_instance_id])
+
+    # WHEN the scheduled reaper runs THEN the run fails with the reason
+    assert wait_until(
+        lambda: store.get_run(run.run_id).status == RunStatus.FAILED, timeout=60
+    )
+    assert "without writing train_meta.json" in store.get_run(run.run_id).reason
+    assert cloud.runner.running(instances.TRAINER_ROLE) == []
+    # AND users keep the model that was serving
+    assert store.get_serving() == serving
+    health = requests.get(f"{serving.url}/health", timeout=10)
+    assert health.json()["model_version"] == serving.model_version

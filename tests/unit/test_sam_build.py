@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 BUILD_DIR = ROOT / ".aws-sam" / "build"
-PACKAGES = ["LauncherFunction", "GateFunction", "DomainLayer"]
+PACKAGES = ["LauncherFunction", "GateFunction", "ReaperFunction", "DomainLayer"]
 MAX_PACKAGE_BYTES = 5 * 1024 * 1024
 # Lambda's limit on a function and its layers, unzipped.
 MAX_LAMBDA_BYTES = 250 * 1024 * 1024

@@ -16,6 +16,7 @@ SETTINGS_OF = {
     "LauncherFunction": settings.LauncherSettings,
     "GateFunction": settings.GateSettings,
     "ServingFunction": settings.ServerSettings,
+    "ReaperFunction": settings.ReaperSettings,
 }
 # Variables a function resolves itself at cold start rather than from the
 # template: the serving function reads MODEL_VERSION from serving/current.json.
@@ -130,6 +131,7 @@ def test_powertools_layer_matches_pinned_version():
     [
         ("functions/launcher/launcher.py", ("numpy", "tensorflow", "keras", "moto")),
         ("functions/gate/gate.py", ("numpy", "tensorflow", "keras", "moto")),
+        ("functions/reaper/reaper.py", ("numpy", "tensorflow", "keras", "moto")),
     ],
 )
 def test_functions_import_no_heavy_packages(module, forbidden):
@@ -195,7 +197,7 @@ def test_bucket_requires_tls_and_expires_leftovers():
     assert any("NoncurrentVersionExpiration" in rule for rule in rules)
 
 
-@pytest.mark.parametrize("name", ["LauncherFunction", "GateFunction"])
+@pytest.mark.parametrize("name", ["LauncherFunction", "GateFunction", "ReaperFunction"])
 def test_event_functions_have_dlq_and_logs(name):
     globals_ = TEMPLATE["Globals"]["Function"]
     log_groups = [

@@ -9,7 +9,9 @@ templates and S3 event wiring that template.yaml declares, then runs:
   environment, retrying a failed invocation like Lambda's asynchronous
   invocation does;
 * `runner.InstanceRunner`, which turns each EC2 instance started through
-  the API into a local process running the trainer or server entrypoint.
+  the API into a local process running the trainer or server entrypoint;
+* `dispatcher.Scheduler`, which invokes scheduled functions (the reaper)
+  every ``schedule_seconds``.
 
 Every component talks to moto through the normal AWS SDK with
 ``AWS_ENDPOINT_URL`` set; nothing else differs from AWS.

@@ -17,6 +17,7 @@ from mnist_pipeline.localcloud.dispatcher import (
     MAX_ATTEMPTS,
     EventDispatcher,
     FunctionQueue,
+    Scheduler,
 )
 from mnist_pipeline.localcloud.runner import InstanceRunner
 from mnist_pipeline.store import PipelineStore
@@ -46,6 +47,9 @@ class LocalCloud:
         Where function and instance logs go.
     parameter_overrides
         Template parameter values, as ``sam deploy --parameter-overrides``.
+    schedule_seconds
+        How often scheduled functions (the reaper) run; far more often than
+        the template's schedule, so a development loop sees their effect.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class LocalCloud:
         state_dir: str | Path = ".localcloud",
         parameter_overrides: dict[str, str] | None = None,
         stack_name: str = DEFAULT_STACK_NAME,
+        schedule_seconds: float = 30,
     ) -> None:
         self.project_dir = Path(project_dir).resolve()
         self.template_path = self.project_dir / "template.yaml"
@@ -67,6 +72,7 @@ class LocalCloud:
         self.state_dir = Path(state_dir).resolve()
         self.parameter_overrides = parameter_overrides or {}
         self.stack_name = stack_name
+        self.schedule_seconds = schedule_seconds
         self.endpoint_url = f"http://127.0.0.1:{port}"
         self.environment = {
             "AWS_ENDPOINT_URL": self.endpoint_url,
@@ -77,6 +83,7 @@ class LocalCloud:
         }
         self._server: ThreadedMotoServer | None = None
         self.dispatcher: EventDispatcher | None = None
+        self.scheduler: Scheduler | None = None
         self.runner: InstanceRunner | None = None
         self.bucket = ""
 
@@ -120,6 +127,13 @@ class LocalCloud:
 
         self.dispatcher = EventDispatcher(self.client("sqs"), functions)
         self.dispatcher.start()
+        scheduled = [
+            self._function(spec, values, queue_url="")
+            for spec in cfn.functions(template)
+            if spec.schedule
+        ]
+        self.scheduler = Scheduler(self.dispatcher, scheduled, self.schedule_seconds)
+        self.scheduler.start()
         self.runner = InstanceRunner(
             self.client("ec2"),
             stack_name=self.stack_name,
@@ -133,6 +147,8 @@ class LocalCloud:
 
     def stop(self) -> None:
         """End every instance process, the workers and moto."""
+        if self.scheduler:
+            self.scheduler.stop()
         if self.runner:
             self.runner.stop()
         if self.dispatcher:
@@ -229,28 +245,7 @@ class LocalCloud:
                     }
                 )
 
-            environment = {
-                name: values.resolve(value) for name, value in spec.environment.items()
-            }
-            environment.update(self.environment)
-            environment.update(
-                {
-                    "AWS_LAMBDA_FUNCTION_NAME": f"{self.stack_name}-{spec.logical_id}",
-                    "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout),
-                    # No X-Ray daemon runs locally, as under `sam local invoke`.
-                    "POWERTOOLS_TRACE_DISABLED": "true",
-                }
-            )
-            functions.append(
-                FunctionQueue(
-                    name=spec.logical_id,
-                    code_dir=self.project_dir / spec.code_uri,
-                    handler=spec.handler,
-                    environment=environment,
-                    queue_url=queue_url,
-                    log_path=self.state_dir / "logs" / f"{spec.logical_id}.log",
-                )
-            )
+            functions.append(self._function(spec, values, queue_url))
 
         self.client("s3").put_bucket_notification_configuration(
             Bucket=self.bucket,
@@ -258,6 +253,32 @@ class LocalCloud:
         )
 
         return functions
+
+    def _function(
+        self, spec: cfn.FunctionSpec, values: cfn.StackValues, queue_url: str
+    ) -> FunctionQueue:
+        """Return a function with the environment the template gives it."""
+        environment = {
+            name: values.resolve(value) for name, value in spec.environment.items()
+        }
+        environment.update(self.environment)
+        environment.update(
+            {
+                "AWS_LAMBDA_FUNCTION_NAME": f"{self.stack_name}-{spec.logical_id}",
+                "AWS_LAMBDA_FUNCTION_TIMEOUT": str(spec.timeout),
+                # No X-Ray daemon runs locally, as under `sam local invoke`.
+                "POWERTOOLS_TRACE_DISABLED": "true",
+            }
+        )
+
+        return FunctionQueue(
+            name=spec.logical_id,
+            code_dir=self.project_dir / spec.code_uri,
+            handler=spec.handler,
+            environment=environment,
+            queue_url=queue_url,
+            log_path=self.state_dir / "logs" / f"{spec.logical_id}.log",
+        )
 
     def export_lines(self) -> list[str]:
         """Return shell lines that point the CLI and the AWS SDK here."""

@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,57 @@ class EventDispatcher:
 
         lines = completed.stderr.strip().splitlines()
         return lines[-1] if lines else f"exit code {completed.returncode}"
+
+
+class Scheduler:
+    """Invoke scheduled functions every ``interval`` seconds.
+
+    The template's schedules are minutes apart; the local cloud runs them
+    more often so that a development loop sees their effect quickly.
+    """
+
+    def __init__(
+        self,
+        dispatcher: EventDispatcher,
+        functions: list[FunctionQueue],
+        interval: float,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.functions = functions
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="schedule", daemon=True)
+
+    def start(self) -> None:
+        if self.functions:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            for function in self.functions:
+                event = json.dumps(scheduled_event(function.name))
+                error = self.dispatcher.invoke(function, event)
+                if error is not None:
+                    logger.warning("Scheduled %s failed: %s", function.name, error)
+
+
+def scheduled_event(rule: str) -> dict[str, Any]:
+    """Return an EventBridge scheduled event as Lambda receives it."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": now,
+        "region": "us-east-1",
+        "resources": [f"arn:aws:events:us-east-1:123456789012:rule/{rule}"],
+        "detail": {},
+    }

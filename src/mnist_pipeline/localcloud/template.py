@@ -58,6 +58,7 @@ class FunctionSpec:
     environment: dict[str, Any]
     timeout: int
     triggers: list[S3Trigger]
+    schedule: str | None = None  # an EventBridge rate or cron expression
 
 
 def _filter_rules(properties: dict[str, Any]) -> tuple[str, str]:
@@ -78,7 +79,10 @@ def functions(template: dict[str, Any]) -> list[FunctionSpec]:
         environment = dict(globals_.get("Environment", {}).get("Variables", {}))
         environment.update(properties.get("Environment", {}).get("Variables", {}))
         triggers = []
+        schedule = None
         for name, event in properties.get("Events", {}).items():
+            if event["Type"] == "Schedule":
+                schedule = event["Properties"]["Schedule"]
             if event["Type"] != "S3":
                 continue
             events = event["Properties"]["Events"]
@@ -99,6 +103,7 @@ def functions(template: dict[str, Any]) -> list[FunctionSpec]:
                 environment=environment,
                 timeout=int(properties.get("Timeout", globals_.get("Timeout", 3))),
                 triggers=triggers,
+                schedule=schedule,
             )
         )
 
