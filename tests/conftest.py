@@ -6,23 +6,31 @@ message naming the variable when it is unset, except under CI (``CI`` set),
 where a missing dataset is an error rather than a silent skip.
 """
 
+import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
 
+from mnist_pipeline import keys
 from mnist_pipeline.dataset import Dataset, save_dataset
+from mnist_pipeline.settings import ServerSettings
 from mnist_pipeline.sources import read_idx_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS_DIR = ROOT / "events"
 BUCKET = "dev-mnist-123456789012-us-east-1"
 REGION = "us-east-1"
+MODEL_VERSION = "20261204T150000Z-1a2b3c4d"
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +103,18 @@ def aws(aws_env: None):
         yield
 
 
+@pytest.fixture
+def ec2(aws):
+    return boto3.client("ec2", region_name=REGION)
+
+
+@pytest.fixture
+def store(aws):
+    from mnist_pipeline.store import PipelineStore
+
+    return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
+
+
 def s3_event(
     name: str,
     key: str | None = None,
@@ -150,3 +170,58 @@ def trained(small_mnist: Dataset, tmp_path_factory: pytest.TempPathFactory) -> d
     np.savez_compressed(smoke, images=images, labels=labels)
 
     return {"result": result, "tflite": tflite, "smoke": smoke.getvalue()}
+
+
+@pytest.fixture
+def s3(aws, trained):
+    """moto's S3 with the ``trained`` model stored as version MODEL_VERSION."""
+    client = boto3.client("s3", region_name=REGION)
+    client.put_object(
+        Bucket=BUCKET, Key=keys.tflite_model(MODEL_VERSION), Body=trained["tflite"]
+    )
+    client.put_object(
+        Bucket=BUCKET, Key=keys.smoke_digits(MODEL_VERSION), Body=trained["smoke"]
+    )
+    return client
+
+
+def server_settings(port: int = 8000, **changes) -> ServerSettings:
+    """Server settings for MODEL_VERSION in the test bucket."""
+    settings = ServerSettings(
+        bucket=BUCKET,
+        model_version=MODEL_VERSION,
+        instance_id="i-1",
+        advertised_url=f"http://127.0.0.1:{port}",
+        host="127.0.0.1",
+        port=port,
+        max_upload_bytes=5_000_000,
+    )
+    return dataclasses.replace(settings, **changes)
+
+
+@contextlib.contextmanager
+def serve(settings: ServerSettings, s3) -> Iterator[str]:
+    """Run the server app with uvicorn in a thread and yield its URL."""
+    import uvicorn
+    from mnist_server.app import create_app
+
+    app = create_app(settings, s3=s3, announce=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            if not thread.is_alive():
+                raise RuntimeError("The server thread exited before it started.")
+            time.sleep(0.05)
+        if not server.started:
+            raise TimeoutError(
+                f"The server did not start on port {settings.port} within 30 s."
+            )
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

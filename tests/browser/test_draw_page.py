@@ -6,25 +6,17 @@ CI (``CI`` set), where a missing browser is an error rather than a silent
 skip.
 """
 
-import contextlib
 import importlib.util
 import os
 import re
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
-import uvicorn
-from mnist_server.app import create_app
 
-from mnist_pipeline import keys
 from mnist_pipeline.localcloud.runner import free_port
-from mnist_pipeline.settings import ServerSettings
-from tests.conftest import BUCKET, REGION
+from tests.conftest import MODEL_VERSION, serve, server_settings
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -52,61 +44,9 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-VERSION = "20261204T150000Z-1a2b3c4d"
+VERSION = MODEL_VERSION
 # Seconds to wait for the page to show a prediction or an error.
 RESULT_TIMEOUT = 30
-
-
-def settings(port: int, max_upload_bytes: int = 5_000_000) -> ServerSettings:
-    return ServerSettings(
-        bucket=BUCKET,
-        model_version=VERSION,
-        instance_id="i-1",
-        advertised_url=f"http://127.0.0.1:{port}",
-        host="127.0.0.1",
-        port=port,
-        max_upload_bytes=max_upload_bytes,
-    )
-
-
-@pytest.fixture
-def s3(aws, trained):
-    client = boto3.client("s3", region_name=REGION)
-    client.put_object(
-        Bucket=BUCKET, Key=keys.tflite_model(VERSION), Body=trained["tflite"]
-    )
-    client.put_object(
-        Bucket=BUCKET, Key=keys.smoke_digits(VERSION), Body=trained["smoke"]
-    )
-    return client
-
-
-@contextlib.contextmanager
-def serve(server_settings: ServerSettings, s3) -> Iterator[str]:
-    """Run the app in a uvicorn thread and yield its URL."""
-    app = create_app(server_settings, s3=s3, announce=False)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=server_settings.port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            if not thread.is_alive():
-                raise RuntimeError("The server thread exited before it started.")
-            time.sleep(0.05)
-        if not server.started:
-            raise TimeoutError(
-                f"The server timed out: it did not start on port "
-                f"{server_settings.port} within 30 s."
-            )
-        yield f"http://127.0.0.1:{server_settings.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -166,7 +106,7 @@ def wait_for_result(driver: webdriver.Chrome) -> None:
 
 def test_drawn_one_is_predicted(s3, browser, tmp_path):
     port = free_port()
-    with serve(settings(port), s3) as base_url:
+    with serve(server_settings(port), s3) as base_url:
         browser.get(f"{base_url}/")
         draw_vertical_stroke(browser)
         wait_for_result(browser)
@@ -192,7 +132,7 @@ def test_drawn_one_is_predicted(s3, browser, tmp_path):
 
 def test_clear_empties_result(s3, browser):
     port = free_port()
-    with serve(settings(port), s3) as base_url:
+    with serve(server_settings(port), s3) as base_url:
         browser.get(f"{base_url}/")
         draw_vertical_stroke(browser)
         wait_for_result(browser)
@@ -219,7 +159,7 @@ def test_clear_empties_result(s3, browser):
 
 def test_server_rejection_shows_detail(s3, browser):
     port = free_port()
-    with serve(settings(port, max_upload_bytes=100), s3) as base_url:
+    with serve(server_settings(port, max_upload_bytes=100), s3) as base_url:
         browser.get(f"{base_url}/")
         draw_vertical_stroke(browser)
         wait_for_result(browser)

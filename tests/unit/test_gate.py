@@ -1,4 +1,3 @@
-import boto3
 import pytest
 
 from mnist_pipeline import instances, keys
@@ -11,22 +10,11 @@ from mnist_pipeline.records import (
     TrainMeta,
     utc_now,
 )
-from mnist_pipeline.store import PipelineStore
-from tests.conftest import BUCKET, REGION, s3_event
+from tests.conftest import BUCKET, s3_event
 from tests.functions import load_function
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
 OLD_RUN_ID = "20261201T090000Z-99999999"
-
-
-@pytest.fixture
-def ec2(aws):
-    return boto3.client("ec2", region_name=REGION)
-
-
-@pytest.fixture
-def store(aws):
-    return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
 
 
 def launch_template(ec2, name):

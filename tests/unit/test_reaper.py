@@ -1,7 +1,7 @@
 import datetime
+import itertools
 import json
 
-import boto3
 import pytest
 
 from mnist_pipeline import instances
@@ -12,23 +12,12 @@ from mnist_pipeline.records import (
     TrainMeta,
     utc_now,
 )
-from mnist_pipeline.store import PipelineStore
-from tests.conftest import BUCKET, EVENTS_DIR, REGION
+from tests.conftest import BUCKET, EVENTS_DIR
 from tests.functions import load_function
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
 LONG_AGO = "2026-12-04T08:00:00Z"
-KEY = "LaunchTemplates"
-
-
-@pytest.fixture
-def ec2(aws):
-    return boto3.client("ec2", region_name=REGION)
-
-
-@pytest.fixture
-def store(aws):
-    return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
+TEMPLATE_NUMBERS = itertools.count()
 
 
 @pytest.fixture
@@ -42,7 +31,7 @@ def reaper(ec2, monkeypatch):
 def start(ec2, role):
     image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     template = ec2.create_launch_template(
-        LaunchTemplateName=f"{role}-{len(ec2.describe_launch_templates()[KEY])}",
+        LaunchTemplateName=f"{role}-{next(TEMPLATE_NUMBERS)}",
         LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.small"},
     )["LaunchTemplate"]["LaunchTemplateId"]
     return instances.start_instance(ec2, template, role, "test-stack", {}, role)

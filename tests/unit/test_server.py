@@ -1,8 +1,5 @@
-import dataclasses
 import io
-import time
 
-import boto3
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -10,10 +7,9 @@ from mnist_server.app import create_app
 from PIL import Image
 
 from mnist_pipeline import keys
-from mnist_pipeline.settings import ServerSettings
-from tests.conftest import BUCKET, REGION
+from tests.conftest import BUCKET, MODEL_VERSION, serve, server_settings
 
-VERSION = "20261204T150000Z-1a2b3c4d"
+VERSION = MODEL_VERSION
 
 
 def png(image: np.ndarray) -> bytes:
@@ -22,33 +18,11 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def settings(max_upload_bytes=5_000_000):
-    return ServerSettings(
-        bucket=BUCKET,
-        model_version=VERSION,
-        instance_id="i-1",
-        advertised_url="http://127.0.0.1:8000",
-        host="127.0.0.1",
-        port=8000,
-        max_upload_bytes=max_upload_bytes,
-    )
-
-
-@pytest.fixture
-def s3(aws, trained):
-    client = boto3.client("s3", region_name=REGION)
-    client.put_object(
-        Bucket=BUCKET, Key=keys.tflite_model(VERSION), Body=trained["tflite"]
-    )
-    client.put_object(
-        Bucket=BUCKET, Key=keys.smoke_digits(VERSION), Body=trained["smoke"]
-    )
-    return client
-
-
 @pytest.fixture
 def client(s3):
-    with TestClient(create_app(settings(), s3=s3, announce=False)) as test_client:
+    with TestClient(
+        create_app(server_settings(), s3=s3, announce=False)
+    ) as test_client:
         yield test_client
 
 
@@ -103,7 +77,7 @@ def test_missing_file_field_gets_422(client):
 
 
 def test_oversized_upload_gets_413(s3, small_mnist):
-    app = create_app(settings(max_upload_bytes=100), s3=s3, announce=False)
+    app = create_app(server_settings(max_upload_bytes=100), s3=s3, announce=False)
     with TestClient(app) as client:
         response = client.post(
             "/predict", files={"file": ("d.png", png(small_mnist.x_test[0]))}
@@ -123,7 +97,7 @@ def test_corrupt_model_never_becomes_healthy(s3):
 
     with (
         pytest.raises(ValueError),
-        TestClient(create_app(settings(), s3=s3, announce=False)),
+        TestClient(create_app(server_settings(), s3=s3, announce=False)),
     ):
         pass
 
@@ -141,7 +115,7 @@ def test_wrong_model_fails_smoke_check(s3, trained):
 
     with (
         pytest.raises(SmokeCheckError, match="misclassified 20 of 20"),
-        TestClient(create_app(settings(), s3=s3, announce=False)),
+        TestClient(create_app(server_settings(), s3=s3, announce=False)),
     ):
         pass
 
@@ -161,9 +135,7 @@ def test_batch_returns_results_in_order(client, small_mnist):
 
 
 def test_batch_over_limit_gets_413(s3, small_mnist):
-    app = create_app(
-        dataclasses.replace(settings(), max_batch_files=3), s3=s3, announce=False
-    )
+    app = create_app(server_settings(max_batch_files=3), s3=s3, announce=False)
     files = [("files", (f"{i}.png", png(small_mnist.x_test[i]))) for i in range(4)]
     with TestClient(app) as client:
         response = client.post("/predict/batch", files=files)
@@ -205,38 +177,21 @@ def test_metrics_count_requests_and_digits(client, small_mnist):
 
 def test_concurrent_requests_get_identical_answers(s3, small_mnist):
     import concurrent.futures
-    import threading
 
     import requests
-    import uvicorn
 
     from mnist_pipeline.localcloud.runner import free_port
 
-    port = free_port()
-    app = create_app(dataclasses.replace(settings(), port=port), s3=s3, announce=False)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        body = png(small_mnist.x_test[0])
+    body = png(small_mnist.x_test[0])
+    with serve(server_settings(port=free_port()), s3) as url:
 
         def predict(_):
             return requests.post(
-                f"http://127.0.0.1:{port}/predict",
-                files={"file": ("d.png", body)},
-                timeout=30,
+                f"{url}/predict", files={"file": ("d.png", body)}, timeout=30
             )
 
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             responses = list(pool.map(predict, range(32)))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
     assert [r.status_code for r in responses] == [200] * 32
     assert len({r.text for r in responses}) == 1

@@ -10,7 +10,6 @@ import io
 import warnings
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import schemathesis
@@ -22,11 +21,7 @@ from mnist_server.preprocess import InvalidImageError, preprocess
 from PIL import Image, ImageDraw
 from schemathesis.checks import not_a_server_error
 
-from mnist_pipeline import keys
-from mnist_pipeline.settings import ServerSettings
-from tests.conftest import BUCKET, REGION
-
-VERSION = "20261204T150000Z-1a2b3c4d"
+from tests.conftest import server_settings
 
 pytestmark = [
     # Generated files include the IM format, which Pillow 13 deprecates, and
@@ -111,18 +106,6 @@ MALFORMED_HEADERS = {
     + (99).to_bytes(4, "little")
     + bytes(20),
 }
-
-
-def server_settings() -> ServerSettings:
-    return ServerSettings(
-        bucket=BUCKET,
-        model_version=VERSION,
-        instance_id="i-1",
-        advertised_url="http://127.0.0.1:8000",
-        host="127.0.0.1",
-        port=8000,
-        max_upload_bytes=5_000_000,
-    )
 
 
 def png(image: np.ndarray) -> bytes:
@@ -234,18 +217,6 @@ def resident_bytes() -> int:
     line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
     # The kernel reports VmRSS in kB.
     return int(line.split()[1]) * 1024
-
-
-@pytest.fixture
-def s3(aws, trained):
-    client = boto3.client("s3", region_name=REGION)
-    client.put_object(
-        Bucket=BUCKET, Key=keys.tflite_model(VERSION), Body=trained["tflite"]
-    )
-    client.put_object(
-        Bucket=BUCKET, Key=keys.smoke_digits(VERSION), Body=trained["smoke"]
-    )
-    return client
 
 
 @pytest.fixture
