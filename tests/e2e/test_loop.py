@@ -82,7 +82,7 @@ def test_upload_trains_gates_and_serves(cloud, mnist):
     assert wait_until(
         lambda: instance_states(cloud)[run.trainer_instance_id] == "terminated"
     )
-    assert cloud.runner.running(instances.TRAINER_ROLE) == []
+    assert wait_until(lambda: cloud.runner.running(instances.TRAINER_ROLE) == [])
 
     # AND 100 real test digits sent over HTTP come back right
     health = requests.get(f"{serving.url}/health", timeout=10).json()
@@ -138,9 +138,13 @@ def test_retraining_replaces_the_server(cloud, mnist):
     assert requests.get(f"{new.url}/health", timeout=10).json()["model_version"] == (
         run.run_id
     )
-    assert [
-        server.instance_id for server in cloud.runner.running(instances.SERVER_ROLE)
-    ] == [new.instance_id]
+
+    # The runner stops a terminated instance's process within its next polls.
+    def only_new_server_runs():
+        running = cloud.runner.running(instances.SERVER_ROLE)
+        return [server.instance_id for server in running] == [new.instance_id]
+
+    assert wait_until(only_new_server_runs)
 
 
 def as_user_picture(digit: np.ndarray, style: int) -> bytes:
@@ -241,7 +245,7 @@ def test_killed_trainer_is_reaped_and_old_model_serves(cloud, mnist):
         lambda: store.get_run(run.run_id).status == RunStatus.FAILED, timeout=60
     )
     assert "without writing train_meta.json" in store.get_run(run.run_id).reason
-    assert cloud.runner.running(instances.TRAINER_ROLE) == []
+    assert wait_until(lambda: cloud.runner.running(instances.TRAINER_ROLE) == [])
     # AND users keep the model that was serving
     assert store.get_serving() == serving
     health = requests.get(f"{serving.url}/health", timeout=10)
