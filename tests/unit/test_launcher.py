@@ -60,7 +60,7 @@ def test_valid_upload_starts_one_tagged_trainer(
     # WHEN the launcher handles its event
     result = launcher.lambda_handler(event, lambda_context)
 
-    # THEN one trainer runs, tagged with the run, and the run record says so
+    # THEN one trainer runs, tagged with the run, and the run record shows it
     [run] = runs()
     [instance] = trainer_instances()
     tags = instances.tags_of(instance)

@@ -34,7 +34,8 @@ def test_mnist_digit_keeps_shape_and_centre(small_mnist):
         assert result.shape == (28, 28)
         assert result.dtype == np.uint8
         row, col = center_of_mass(result.astype(float))
-        assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5
+        assert abs(row - 14) <= 0.5
+        assert abs(col - 14) <= 0.5
         # The digit already fits MNIST's box and centre, so it stays put;
         # only stretching the brightest ink to 255 changes levels slightly.
         assert np.abs(result.astype(int) - digit.astype(int)).max() <= 3
@@ -47,8 +48,10 @@ def test_user_photo_becomes_mnist_like(small_mnist):
     result = preprocess(encode(photo.convert("RGB"), "JPEG", quality=90))
 
     row, col = center_of_mass(result.astype(float))
-    assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5
-    assert result[0].max() == 0 and result[:, 0].max() == 0  # dark background
+    assert abs(row - 14) <= 0.5
+    assert abs(col - 14) <= 0.5
+    assert result[0].max() == 0  # dark background
+    assert result[:, 0].max() == 0
     rows = np.flatnonzero(result.max(axis=1) > 25)
     cols = np.flatnonzero(result.max(axis=0) > 25)
     assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (19, 20, 21)
