@@ -39,6 +39,7 @@ lint: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint containers/trainer/Dockerfile containers/server/Dockerfile
+	$(BIN)/shellcheck .ci/run scripts/push-images.sh
 	$(SAM_VENV)/bin/sam validate --lint --region us-east-1
 	$(SAM_VENV)/bin/cfn-lint template.yaml
 
@@ -55,7 +56,8 @@ build: tools
 # The drawing page's test drives Debian's Chromium through chromedriver.
 # Installing them needs root; without root the step only says so.
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	@if (command -v chromium || command -v google-chrome) >/dev/null \
+		&& command -v chromedriver >/dev/null; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; \

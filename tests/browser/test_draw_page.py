@@ -18,7 +18,9 @@ import pytest
 from mnist_pipeline.localcloud.runner import free_port
 from tests.conftest import MODEL_VERSION, serve, server_settings
 
-CHROMIUM = shutil.which("chromium")
+# Debian's Chromium, or Google Chrome where that is what the machine has
+# (as on GitHub's Ubuntu runners).
+CHROMIUM = shutil.which("chromium") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 MISSING = [
     name
