@@ -205,7 +205,8 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
     # gate's rule again against what serves now, so that of two parallel
     # promotions the better model stays, whichever server is ready last.
     current = store.get_serving()
-    if current and current.instance_id != ready.instance_id:
+    rollback = record.rollback_requested_at is not None
+    if current and current.instance_id != ready.instance_id and not rollback:
         decision, reason = decide(
             record.test_accuracy or 0.0,
             current.test_accuracy,
@@ -237,18 +238,20 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         previous_version = current.model_version if current else None
         previous_instance_id = current.instance_id if current else None
 
-    store.put_serving(
-        ServingPointer(
-            model_version=ready.model_version,
-            test_accuracy=record.test_accuracy or 0.0,
-            instance_id=ready.instance_id,
-            url=ready.url,
-            since=utc_now(),
-            previous_version=previous_version,
-            previous_instance_id=previous_instance_id,
-        )
+    pointer = ServingPointer(
+        model_version=ready.model_version,
+        test_accuracy=record.test_accuracy or 0.0,
+        instance_id=ready.instance_id,
+        url=ready.url,
+        since=utc_now(),
+        previous_version=previous_version,
+        previous_instance_id=previous_instance_id,
     )
-    record.update(status=RunStatus.PROMOTED, server_url=ready.url)
+    store.put_serving(pointer)
+    store.put_serving_history(pointer)
+    record.update(
+        status=RunStatus.PROMOTED, server_url=ready.url, rollback_requested_at=None
+    )
     store.put_run(record)
     logger.info("New model serving", extra={"url": ready.url})
     metrics.add_metric(name="CutoversCompleted", unit=MetricUnit.Count, value=1)
@@ -259,6 +262,67 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
             "Previous server terminated",
             extra={"previous_instance_id": previous_instance_id},
         )
+
+    return record
+
+
+@tracer.capture_method
+def start_rollback(store: PipelineStore, request_key: str) -> RunRecord | None:
+    """Start a server for an earlier model version that a user asked for.
+
+    The cutover then takes the same path as a promotion (smoke digits,
+    ready report, pointer, old server retired) but skips the accuracy rule.
+    """
+    try:
+        request = store.get_rollback_request(request_key)
+    except InvalidRecordError as exc:
+        logger.warning(
+            "Malformed rollback request, ignoring it", extra={"error": str(exc)}
+        )
+        return None
+    if request is None:
+        logger.warning("Rollback request disappeared, ignoring it")
+        return None
+
+    logger.append_keys(run_id=request.model_version)
+    try:
+        record = store.get_run(request.model_version)
+    except InvalidRecordError as exc:
+        logger.error(
+            "Malformed run record, ignoring the rollback request",
+            extra={"error": str(exc)},
+        )
+        return None
+    current = store.get_serving()
+    if record is None or record.status != RunStatus.PROMOTED:
+        logger.warning(
+            "Rollback target never served, ignoring the request",
+            extra={"status": record.status if record else None},
+        )
+        return None
+    if current is not None and current.model_version == request.model_version:
+        logger.info("Rollback target is already serving, nothing to do")
+        return None
+
+    server_id = instances.start_instance(
+        ec2,
+        launch_template_id=SETTINGS.server_launch_template_id,
+        role=instances.SERVER_ROLE,
+        stack_name=SETTINGS.stack_name,
+        tags={
+            instances.MODEL_VERSION_TAG: record.run_id,
+            instances.RUN_ID_TAG: record.run_id,
+        },
+        client_token=f"rollback-{record.run_id}-{request.requested_at}",
+    )
+    record.update(
+        status=RunStatus.PROMOTING,
+        server_instance_id=server_id,
+        rollback_requested_at=request.requested_at,
+        reason=f"Rollback requested at {request.requested_at}.",
+    )
+    store.put_run(record)
+    logger.info("Server started for the rollback", extra={"instance_id": server_id})
 
     return record
 
@@ -284,8 +348,12 @@ def lambda_handler(event: S3Event, context: LambdaContext) -> dict[str, Any]:
             run = review_training(store, run_id)
         elif keys.is_server_ready(key):
             run = complete_cutover(store, key)
+        elif keys.is_serving_request(key):
+            run = start_rollback(store, key)
         else:
-            logger.warning("Object is neither a train_meta.json nor a ready report")
+            logger.warning(
+                "Object is not a train_meta.json, ready report or rollback request"
+            )
             run = None
 
         if run is not None:

@@ -1,7 +1,8 @@
 """The ``mnist-pipeline`` command.
 
 Subcommands: ``local up`` (run the local cloud), ``upload SOURCE``,
-``status [RUN_ID]``, ``predict IMAGE...`` and ``demo``. Every command except
+``status [RUN_ID]``, ``predict IMAGE...``, ``history``, ``rollback
+[VERSION]`` and ``demo``. Every command except
 ``local up`` and ``demo`` works against AWS or the local cloud alike: the
 AWS SDK reads ``AWS_ENDPOINT_URL``, which ``local up`` prints.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from mnist_pipeline import keys
 from mnist_pipeline.dataset import Dataset, check_dataset, save_dataset
 from mnist_pipeline.exceptions import PipelineError
-from mnist_pipeline.records import RunRecord, RunStatus
+from mnist_pipeline.records import RollbackRequest, RunRecord, RunStatus, utc_now
 from mnist_pipeline.store import PipelineStore
 
 BUCKET_ENV = "MNIST_PIPELINE_BUCKET"
@@ -298,6 +299,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    store = _store(args)
+    entries = store.list_serving_history()
+    if not entries:
+        print("No model has served yet.")
+        return 0
+
+    print(f"{'SINCE':21} {'MODEL VERSION':26} {'TEST ACC':9} URL")
+    for entry in entries:
+        print(
+            f"{entry.since:21} {entry.model_version:26} "
+            f"{entry.test_accuracy:<9.4f} {entry.url}"
+        )
+
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    store = _store(args)
+    serving = store.get_serving()
+    version = args.version or (serving.previous_version if serving else None)
+    if version is None:
+        raise CommandError(
+            "No earlier model version to roll back to; name one (see "
+            "`mnist-pipeline history`)."
+        )
+    record = store.get_run(version)
+    if record is None or record.status != RunStatus.PROMOTED:
+        raise CommandError(
+            f"Model version {version} never served; `mnist-pipeline history` lists "
+            "the versions that did."
+        )
+    if serving is not None and serving.model_version == version:
+        print(f"Model version {version} is already serving.")
+        return 0
+
+    request = RollbackRequest(model_version=version, requested_at=utc_now())
+    store.put_rollback_request(request)
+    print(
+        f"Requested a rollback to {version}. A new server starts, passes its "
+        "smoke check and then replaces the current one."
+    )
+    if not args.wait:
+        print("Follow it with `mnist-pipeline status`.")
+        return 0
+
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        current = store.get_serving()
+        if current is not None and current.model_version == version:
+            print(f"Model {version} serving at {current.url}.")
+            return 0
+        record = store.get_run(version)
+        if record is not None and record.status == RunStatus.FAILED:
+            raise CommandError(f"The rollback failed: {record.reason}")
+        time.sleep(1)
+
+    raise CommandError(f"Model {version} was not serving within {args.timeout:.0f} s.")
+
+
 def _demo_dataset(data: str | None) -> tuple[Dataset, str]:
     from mnist_pipeline.sources import read_source
 
@@ -455,6 +516,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--url", help="server URL (default: the serving model's)")
     _add_aws_options(predict)
     predict.set_defaults(handler=cmd_predict)
+
+    history = commands.add_parser("history", help="show which model served when")
+    _add_aws_options(history)
+    history.set_defaults(handler=cmd_history)
+
+    rollback = commands.add_parser(
+        "rollback", help="serve an earlier model version again, safely"
+    )
+    rollback.add_argument(
+        "version", nargs="?", help="model version (default: the one served before)"
+    )
+    rollback.add_argument(
+        "--wait", action="store_true", help="wait until the version serves"
+    )
+    rollback.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds to wait with --wait (default: 1800)",
+    )
+    _add_aws_options(rollback)
+    rollback.set_defaults(handler=cmd_rollback)
 
     demo = commands.add_parser("demo", help="run the whole loop on the local cloud")
     demo.add_argument(

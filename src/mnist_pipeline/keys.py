@@ -10,14 +10,18 @@
     models/<run_id>/smoke.npz             known test digits for smoke checks
     models/<run_id>/train_meta.json       written last (gate trigger)
     serving/current.json                  the model version users get
+    serving/history/<time>-<version>.json each version that served, from when
     serving/ready/<instance_id>.json      a new server is healthy (gate trigger)
+    serving/requests/<time>.json          a rollback request (gate trigger)
 
 The S3 event filters in template.yaml match ``data/`` + ``.npz``,
-``models/`` + ``train_meta.json`` and ``serving/ready/`` + ``.json``; the
+``models/`` + ``train_meta.json``, ``serving/ready/`` + ``.json`` and
+``serving/requests/`` + ``.json``; the
 pipeline never writes a key under ``data/``, so its own writes cannot start
 a run.
 """
 
+import datetime
 import hashlib
 import re
 
@@ -28,6 +32,8 @@ MODELS_PREFIX = "models/"
 TRAIN_META_NAME = "train_meta.json"
 SERVING_CURRENT = "serving/current.json"
 SERVER_READY_PREFIX = "serving/ready/"
+SERVING_HISTORY_PREFIX = "serving/history/"
+SERVING_REQUESTS_PREFIX = "serving/requests/"
 UPLOAD_LOCKS_PREFIX = "locks/uploads/"
 
 _RUN_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -97,3 +103,23 @@ def upload_lock(data_key: str, etag: str, version_id: str | None = None) -> str:
     digest = hashlib.sha256(identity.encode()).hexdigest()
 
     return f"{UPLOAD_LOCKS_PREFIX}{digest}.json"
+
+
+def _compact_time(timestamp: str) -> str:
+    """Turn ``2026-12-04T15:00:00Z`` into ``20261204T150000Z`` for sorting keys."""
+    return timestamp.replace("-", "").replace(":", "")
+
+
+def serving_history(recorded_at: datetime.datetime, model_version: str) -> str:
+    """Return a history entry's key; keys sort in the order entries were made."""
+    stamp = recorded_at.strftime("%Y%m%dT%H%M%S.%fZ")
+
+    return f"{SERVING_HISTORY_PREFIX}{stamp}-{model_version}.json"
+
+
+def serving_request(requested_at: str) -> str:
+    return f"{SERVING_REQUESTS_PREFIX}{_compact_time(requested_at)}.json"
+
+
+def is_serving_request(key: str) -> bool:
+    return key.startswith(SERVING_REQUESTS_PREFIX) and key.endswith(".json")

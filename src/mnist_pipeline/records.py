@@ -135,6 +135,9 @@ class RunRecord(_Document):
     decision: Decision | None = None
     server_instance_id: str | None = None
     server_url: str | None = None
+    # Set while a user-requested rollback to this run's model is under way;
+    # such a cutover skips the accuracy rule.
+    rollback_requested_at: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def update(self, **changes: Any) -> None:
@@ -207,4 +210,16 @@ class ServerReady(_Document):
     ready_at: str
     smoke_correct: int
     smoke_total: int
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclasses.dataclass
+class RollbackRequest(_Document):
+    """A user's request to serve an earlier model version again.
+
+    Written by ``mnist-pipeline rollback`` to ``serving/requests/<time>.json``.
+    """
+
+    model_version: str
+    requested_at: str
     schema_version: int = SCHEMA_VERSION

@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from mnist_pipeline import keys
 from mnist_pipeline.exceptions import InvalidRecordError, PipelineError
 from mnist_pipeline.records import (
+    RollbackRequest,
     RunRecord,
     RunStatus,
     ServerReady,
@@ -197,6 +198,30 @@ class PipelineStore:
 
     def put_serving(self, pointer: ServingPointer) -> None:
         self._put(keys.SERVING_CURRENT, pointer)
+
+    def put_serving_history(self, pointer: ServingPointer) -> None:
+        recorded_at = datetime.datetime.now(datetime.UTC)
+        self._put(keys.serving_history(recorded_at, pointer.model_version), pointer)
+
+    def list_serving_history(self) -> list[ServingPointer]:
+        """Return every version that served, oldest first."""
+        paginator = self.s3.get_paginator("list_objects_v2")
+        history_keys = [
+            item["Key"]
+            for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=keys.SERVING_HISTORY_PREFIX
+            )
+            for item in page.get("Contents", [])
+        ]
+        entries = [self._get(ServingPointer, key) for key in sorted(history_keys)]
+
+        return [entry for entry in entries if entry is not None]
+
+    def get_rollback_request(self, key: str) -> RollbackRequest | None:
+        return self._get(RollbackRequest, key)
+
+    def put_rollback_request(self, request: RollbackRequest) -> None:
+        self._put(keys.serving_request(request.requested_at), request)
 
     def get_server_ready(self, key: str) -> ServerReady | None:
         return self._get(ServerReady, key)

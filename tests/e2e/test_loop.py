@@ -250,3 +250,30 @@ def test_killed_trainer_is_reaped_and_old_model_serves(cloud, mnist):
     assert store.get_serving() == serving
     health = requests.get(f"{serving.url}/health", timeout=10)
     assert health.json()["model_version"] == serving.model_version
+
+
+def test_rollback_serves_previous_model(cloud, monkeypatch, capsys):
+    from mnist_pipeline import cli
+
+    store = cloud.store
+    current = store.get_serving()
+    assert current.previous_version, "needs the two promotions made above"
+    for name, value in cloud.environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(cli.BUCKET_ENV, store.bucket)
+
+    code = cli.main(["rollback", "--wait", "--timeout", "300"])
+
+    restored = store.get_serving()
+    assert code == 0
+    assert restored.model_version == current.previous_version
+    assert restored.instance_id != current.instance_id
+    assert wait_until(
+        lambda: instance_states(cloud)[current.instance_id] == "terminated"
+    )
+    health = requests.get(f"{restored.url}/health", timeout=10).json()
+    assert health["model_version"] == current.previous_version
+    history = [entry.model_version for entry in store.list_serving_history()]
+    assert history[-2:] == [current.model_version, current.previous_version]
+    assert cli.main(["history"]) == 0
+    assert current.previous_version in capsys.readouterr().out

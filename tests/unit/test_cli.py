@@ -118,3 +118,13 @@ def test_local_cloud_outside_repository_names_option(tmp_path, capsys):
 
     assert code == 2
     assert "--project-dir" in capsys.readouterr().err
+
+
+def test_history_without_models(s3, capsys):
+    assert cli.main(["history"]) == 0
+    assert "No model has served yet." in capsys.readouterr().out
+
+
+def test_rollback_without_earlier_version(s3, capsys):
+    assert cli.main(["rollback"]) == 2
+    assert "No earlier model version" in capsys.readouterr().err

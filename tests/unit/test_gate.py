@@ -358,3 +358,65 @@ def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context)
     assert "was promoted while this server started" in store.get_run(worse).reason
     assert state(ec2, worse_server) == "terminated"
     assert state(ec2, better_server) == "running"
+
+
+def test_cutover_records_history(gate, store, ec2, lambda_context):
+    training_run(store, ec2)
+    gate.lambda_handler(meta_event(), lambda_context)
+    server = store.get_run(RUN_ID).server_instance_id
+
+    gate.lambda_handler(ready(store, ec2, server), lambda_context)
+
+    [entry] = store.list_serving_history()
+    assert entry.model_version == RUN_ID
+    assert entry.instance_id == server
+
+
+def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
+    # GIVEN a better old model replaced by a newer one within the tolerance
+    from mnist_pipeline.records import RollbackRequest
+
+    old_run, new_run = "20261204T150000Z-aaaaaaaa", "20261204T160000Z-bbbbbbbb"
+    training_run(store, ec2, run_id=old_run, accuracy=0.992)
+    gate.lambda_handler(meta_event(old_run), lambda_context)
+    old_server = store.get_run(old_run).server_instance_id
+    gate.lambda_handler(ready(store, ec2, old_server, old_run), lambda_context)
+    training_run(store, ec2, run_id=new_run, accuracy=0.990)
+    gate.lambda_handler(meta_event(new_run), lambda_context)
+    new_server = store.get_run(new_run).server_instance_id
+    gate.lambda_handler(ready(store, ec2, new_server, new_run), lambda_context)
+    assert state(ec2, old_server) == "terminated"
+
+    # WHEN a user asks for the old version back
+    request = RollbackRequest(model_version=old_run, requested_at=utc_now())
+    store.put_rollback_request(request)
+    event = s3_event(
+        "gate_server_ready.json", key=keys.serving_request(request.requested_at)
+    )
+    gate.lambda_handler(event, lambda_context)
+    rollback_server = store.get_run(old_run).server_instance_id
+    # The current server keeps serving until the rollback server is ready.
+    assert store.get_serving().model_version == new_run
+    gate.lambda_handler(ready(store, ec2, rollback_server, old_run), lambda_context)
+
+    # THEN the old version serves from a new server and history shows all three
+    assert store.get_serving().model_version == old_run
+    assert state(ec2, new_server) == "terminated"
+    assert state(ec2, rollback_server) == "running"
+    assert store.get_run(old_run).rollback_requested_at is None
+    versions = [entry.model_version for entry in store.list_serving_history()]
+    assert versions == [old_run, new_run, old_run]
+
+
+def test_rollback_to_unknown_version_is_ignored(gate, store, lambda_context):
+    from mnist_pipeline.records import RollbackRequest
+
+    request = RollbackRequest(
+        model_version="20261204T150000Z-00000000", requested_at=utc_now()
+    )
+    store.put_rollback_request(request)
+    event = s3_event(
+        "gate_server_ready.json", key=keys.serving_request(request.requested_at)
+    )
+
+    assert gate.lambda_handler(event, lambda_context) == {"runs": []}

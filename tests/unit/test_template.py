@@ -1,5 +1,6 @@
 """template.yaml and the code must agree: handlers, filters, settings, pins."""
 
+import datetime
 import re
 import subprocess
 import sys
@@ -28,6 +29,9 @@ PIPELINE_WRITES = [
     keys.tflite_model("20261204T150000Z-1a2b3c4d"),
     keys.smoke_digits("20261204T150000Z-1a2b3c4d"),
     keys.SERVING_CURRENT,
+    keys.serving_history(
+        datetime.datetime.now(datetime.UTC), "20261204T150000Z-1a2b3c4d"
+    ),
     keys.upload_lock("data/x.npz", "etag"),
 ]
 
@@ -87,6 +91,9 @@ def test_gate_fires_on_meta_and_ready_reports_only():
         matches(t, keys.train_meta("20261204T150000Z-1a2b3c4d")) for t in triggers
     )
     assert any(matches(t, keys.server_ready("i-0123")) for t in triggers)
+    assert any(
+        matches(t, keys.serving_request("2026-12-04T15:00:00Z")) for t in triggers
+    )
     for key in [*PIPELINE_WRITES, "data/mnist.npz"]:
         assert not any(matches(t, key) for t in triggers), key
 
