@@ -78,6 +78,21 @@ def decide(
     )
 
 
+def start_server(model_version: str, client_token: str) -> str:
+    """Start a server instance for a model version and return its id."""
+    return instances.start_instance(
+        ec2,
+        launch_template_id=SETTINGS.server_launch_template_id,
+        role=instances.SERVER_ROLE,
+        stack_name=SETTINGS.stack_name,
+        tags={
+            instances.MODEL_VERSION_TAG: model_version,
+            instances.RUN_ID_TAG: model_version,
+        },
+        client_token=client_token,
+    )
+
+
 @tracer.capture_method
 def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
     """Terminate a run's trainer and promote or reject its model.
@@ -152,14 +167,7 @@ def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
         store.put_run(record)
         return record
 
-    server_id = instances.start_instance(
-        ec2,
-        launch_template_id=SETTINGS.server_launch_template_id,
-        role=instances.SERVER_ROLE,
-        stack_name=SETTINGS.stack_name,
-        tags={instances.MODEL_VERSION_TAG: run_id, instances.RUN_ID_TAG: run_id},
-        client_token=f"serve-{run_id}",
-    )
+    server_id = start_server(run_id, client_token=f"serve-{run_id}")
     record.update(status=RunStatus.PROMOTING, server_instance_id=server_id)
     store.put_run(record)
     logger.info("Server started for the new model", extra={"instance_id": server_id})
@@ -304,16 +312,8 @@ def start_rollback(store: PipelineStore, request_key: str) -> RunRecord | None:
         logger.info("Rollback target is already serving, nothing to do")
         return None
 
-    server_id = instances.start_instance(
-        ec2,
-        launch_template_id=SETTINGS.server_launch_template_id,
-        role=instances.SERVER_ROLE,
-        stack_name=SETTINGS.stack_name,
-        tags={
-            instances.MODEL_VERSION_TAG: record.run_id,
-            instances.RUN_ID_TAG: record.run_id,
-        },
-        client_token=f"rollback-{record.run_id}-{request.requested_at}",
+    server_id = start_server(
+        record.run_id, client_token=f"rollback-{record.run_id}-{request.requested_at}"
     )
     record.update(
         status=RunStatus.PROMOTING,

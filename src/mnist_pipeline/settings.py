@@ -68,6 +68,12 @@ def _fraction(environ: Mapping[str, str], name: str, default: float) -> float:
     )
 
 
+def _positive(environ: Mapping[str, str], name: str, default: int, unit: str) -> int:
+    return _read(
+        environ, name, int, default, lambda v: v > 0, f"a positive number of {unit}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LauncherSettings:
     bucket: str
@@ -152,22 +158,10 @@ class ServerSettings:
             # Containers listen on every interface; the local cloud sets 127.0.0.1.
             host=_read(environ, HOST, str, "0.0.0.0"),  # noqa: S104
             port=port,
-            max_upload_bytes=_read(
-                environ,
-                MAX_UPLOAD_BYTES,
-                int,
-                5 * 1024 * 1024,
-                lambda v: v > 0,
-                "a positive number of bytes",
+            max_upload_bytes=_positive(
+                environ, MAX_UPLOAD_BYTES, 5 * 1024 * 1024, "bytes"
             ),
-            max_batch_files=_read(
-                environ,
-                MAX_BATCH_FILES,
-                int,
-                32,
-                lambda v: v > 0,
-                "a positive number of files",
-            ),
+            max_batch_files=_positive(environ, MAX_BATCH_FILES, 32, "files"),
         )
 
 
@@ -181,20 +175,10 @@ class ReaperSettings:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ReaperSettings":
         return cls(
             bucket=_read(environ, BUCKET_NAME, str),
-            max_training_minutes=_read(
-                environ,
-                MAX_TRAINING_MINUTES,
-                int,
-                60,
-                lambda v: v > 0,
-                "a positive number of minutes",
+            max_training_minutes=_positive(
+                environ, MAX_TRAINING_MINUTES, 60, "minutes"
             ),
-            server_start_minutes=_read(
-                environ,
-                SERVER_START_MINUTES,
-                int,
-                15,
-                lambda v: v > 0,
-                "a positive number of minutes",
+            server_start_minutes=_positive(
+                environ, SERVER_START_MINUTES, 15, "minutes"
             ),
         )

@@ -157,6 +157,17 @@ class PipelineStore:
 
         return UploadClaim(run_id=lock["run_id"], owned=True)
 
+    def _keys_under(self, prefix: str) -> list[str]:
+        """Return every key under ``prefix``, sorted."""
+        paginator = self.s3.get_paginator("list_objects_v2")
+        found = [
+            item["Key"]
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            for item in page.get("Contents", [])
+        ]
+
+        return sorted(found)
+
     def get_run(self, run_id: str) -> RunRecord | None:
         return self._get(RunRecord, keys.run_record(run_id))
 
@@ -169,14 +180,8 @@ class PipelineStore:
         A malformed record is skipped with a warning, so one bad document
         cannot hide every other run.
         """
-        paginator = self.s3.get_paginator("list_objects_v2")
-        run_keys = [
-            item["Key"]
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=keys.RUNS_PREFIX)
-            for item in page.get("Contents", [])
-        ]
         records = []
-        for key in sorted(run_keys):
+        for key in self._keys_under(keys.RUNS_PREFIX):
             try:
                 record = self._get(RunRecord, key)
             except InvalidRecordError as exc:
@@ -205,15 +210,10 @@ class PipelineStore:
 
     def list_serving_history(self) -> list[ServingPointer]:
         """Return every version that served, oldest first."""
-        paginator = self.s3.get_paginator("list_objects_v2")
-        history_keys = [
-            item["Key"]
-            for page in paginator.paginate(
-                Bucket=self.bucket, Prefix=keys.SERVING_HISTORY_PREFIX
-            )
-            for item in page.get("Contents", [])
+        entries = [
+            self._get(ServingPointer, key)
+            for key in self._keys_under(keys.SERVING_HISTORY_PREFIX)
         ]
-        entries = [self._get(ServingPointer, key) for key in sorted(history_keys)]
 
         return [entry for entry in entries if entry is not None]
 
