@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import itertools
 import json
 import os
 import threading
@@ -21,7 +22,7 @@ import boto3
 import numpy as np
 import pytest
 
-from mnist_pipeline import keys
+from mnist_pipeline import instances, keys
 from mnist_pipeline.dataset import Dataset, save_dataset
 from mnist_pipeline.settings import ServerSettings
 from mnist_pipeline.sources import read_idx_directory
@@ -113,6 +114,35 @@ def store(aws):
     from mnist_pipeline.store import PipelineStore
 
     return PipelineStore(boto3.client("s3", region_name=REGION), BUCKET)
+
+
+_TEMPLATE_NUMBERS = itertools.count()
+
+
+def launch_template(ec2, name: str | None = None) -> str:
+    """Create a launch template in moto's EC2 and return its id."""
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    return ec2.create_launch_template(
+        LaunchTemplateName=name or f"template-{next(_TEMPLATE_NUMBERS)}",
+        LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.small"},
+    )["LaunchTemplate"]["LaunchTemplateId"]
+
+
+def start_test_instance(ec2, role: str, run_id: str = "none") -> str:
+    """Start an instance of the test stack with a role and run id tag."""
+    return instances.start_instance(
+        ec2,
+        launch_template(ec2),
+        role,
+        "test-stack",
+        {instances.RUN_ID_TAG: run_id},
+        f"{role}-{run_id}",
+    )
+
+
+def instance_state(ec2, instance_id: str) -> str:
+    [reservation] = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return reservation["Instances"][0]["State"]["Name"]
 
 
 def s3_event(

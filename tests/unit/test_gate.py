@@ -10,19 +10,17 @@ from mnist_pipeline.records import (
     TrainMeta,
     utc_now,
 )
-from tests.conftest import BUCKET, s3_event
+from tests.conftest import (
+    BUCKET,
+    instance_state,
+    launch_template,
+    s3_event,
+    start_test_instance,
+)
 from tests.functions import load_function
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
 OLD_RUN_ID = "20261201T090000Z-99999999"
-
-
-def launch_template(ec2, name):
-    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    return ec2.create_launch_template(
-        LaunchTemplateName=name,
-        LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.small"},
-    )["LaunchTemplate"]["LaunchTemplateId"]
 
 
 @pytest.fixture
@@ -36,26 +34,9 @@ def gate(ec2, monkeypatch):
     return load_function("gate")
 
 
-def start(ec2, role, run_id):
-    template = launch_template(ec2, f"{role}-{run_id}")
-    return instances.start_instance(
-        ec2,
-        template,
-        role,
-        "test-stack",
-        {instances.RUN_ID_TAG: run_id},
-        f"{role}-{run_id}",
-    )
-
-
-def state(ec2, instance_id):
-    [reservation] = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    return reservation["Instances"][0]["State"]["Name"]
-
-
 def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
     """Store a run whose trainer is running and has just written its meta."""
-    trainer_id = start(ec2, instances.TRAINER_ROLE, run_id)
+    trainer_id = start_test_instance(ec2, instances.TRAINER_ROLE, run_id)
     now = utc_now()
     store.put_run(
         RunRecord(
@@ -86,7 +67,7 @@ def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
 
 def serving(store, ec2, accuracy):
     """Store a model that is already serving, with its server running."""
-    server_id = start(ec2, instances.SERVER_ROLE, OLD_RUN_ID)
+    server_id = start_test_instance(ec2, instances.SERVER_ROLE, OLD_RUN_ID)
     store.put_serving(
         ServingPointer(
             model_version=OLD_RUN_ID,
@@ -121,7 +102,7 @@ def test_first_good_model_is_promoted(gate, store, ec2, lambda_context):
     run = store.get_run(RUN_ID)
     [server] = servers(ec2)
     tags = instances.tags_of(server)
-    assert state(ec2, trainer_id) == "terminated"
+    assert instance_state(ec2, trainer_id) == "terminated"
     assert run.status == RunStatus.PROMOTING
     assert run.decision == Decision.PROMOTE
     assert run.test_accuracy == 0.99
@@ -137,7 +118,7 @@ def test_model_below_threshold_is_not_promoted(gate, store, ec2, lambda_context)
     gate.lambda_handler(meta_event(), lambda_context)
 
     run = store.get_run(RUN_ID)
-    assert state(ec2, trainer_id) == "terminated"
+    assert instance_state(ec2, trainer_id) == "terminated"
     assert run.status == RunStatus.NOT_PROMOTED
     assert run.decision == Decision.REJECT
     assert "below the threshold 0.9500" in run.reason
@@ -175,7 +156,7 @@ def test_failed_training_terminates_trainer(gate, store, ec2, lambda_context):
     gate.lambda_handler(meta_event(), lambda_context)
 
     run = store.get_run(RUN_ID)
-    assert state(ec2, trainer_id) == "terminated"
+    assert instance_state(ec2, trainer_id) == "terminated"
     assert run.status == RunStatus.FAILED
     assert "out of memory" in run.reason
     assert servers(ec2) == []
@@ -191,13 +172,13 @@ def test_duplicate_meta_event_starts_one_server(gate, store, ec2, lambda_context
 
 
 def test_meta_of_unknown_run_is_ignored(gate, store, ec2, lambda_context):
-    other_trainer = start(ec2, instances.TRAINER_ROLE, "other")
+    other_trainer = start_test_instance(ec2, instances.TRAINER_ROLE, "other")
     store.s3.put_object(Bucket=BUCKET, Key=keys.train_meta(RUN_ID), Body=b"{}")
 
     result = gate.lambda_handler(meta_event(), lambda_context)
 
     assert result == {"runs": []}
-    assert state(ec2, other_trainer) == "running"
+    assert instance_state(ec2, other_trainer) == "running"
 
 
 def test_malformed_meta_is_ignored(gate, store, ec2, lambda_context):
@@ -208,7 +189,7 @@ def test_malformed_meta_is_ignored(gate, store, ec2, lambda_context):
 
     assert result == {"runs": []}
     assert store.get_run(RUN_ID).status == RunStatus.TRAINING
-    assert state(ec2, trainer_id) == "running"
+    assert instance_state(ec2, trainer_id) == "running"
 
 
 def ready(store, ec2, instance_id, run_id=RUN_ID):
@@ -231,7 +212,7 @@ def test_ready_server_takes_over_and_old_one_ends(gate, store, ec2, lambda_conte
     gate.lambda_handler(meta_event(), lambda_context)
     new_server = store.get_run(RUN_ID).server_instance_id
     # The old server keeps serving until the new one reports ready.
-    assert state(ec2, old_server) == "running"
+    assert instance_state(ec2, old_server) == "running"
 
     gate.lambda_handler(ready(store, ec2, new_server), lambda_context)
 
@@ -242,8 +223,8 @@ def test_ready_server_takes_over_and_old_one_ends(gate, store, ec2, lambda_conte
     assert pointer.url == "http://new:8000"
     assert pointer.previous_version == OLD_RUN_ID
     assert run.status == RunStatus.PROMOTED
-    assert state(ec2, old_server) == "terminated"
-    assert state(ec2, new_server) == "running"
+    assert instance_state(ec2, old_server) == "terminated"
+    assert instance_state(ec2, new_server) == "running"
 
 
 def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_context):
@@ -257,7 +238,7 @@ def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_cont
 
     assert result == {"runs": []}
     assert store.get_serving().model_version == OLD_RUN_ID
-    assert state(ec2, old_server) == "running"
+    assert instance_state(ec2, old_server) == "running"
 
 
 @pytest.mark.parametrize(
@@ -319,7 +300,7 @@ def test_cutover_retry_still_retires_old_server(
     pointer = store.get_serving()
     assert pointer.instance_id == new_server
     assert pointer.previous_version == OLD_RUN_ID
-    assert state(ec2, old_server) == "terminated"
+    assert instance_state(ec2, old_server) == "terminated"
     assert store.get_run(RUN_ID).status == RunStatus.PROMOTED
 
 
@@ -334,7 +315,7 @@ def test_malformed_run_record_is_ignored(gate, store, ec2, lambda_context):
     result = gate.lambda_handler(meta_event(), lambda_context)
 
     assert result == {"runs": []}
-    assert state(ec2, trainer_id) == "running"
+    assert instance_state(ec2, trainer_id) == "running"
 
 
 def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context):
@@ -356,8 +337,8 @@ def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context)
     assert store.get_serving().model_version == better
     assert store.get_run(worse).status == RunStatus.NOT_PROMOTED
     assert "was promoted while this server started" in store.get_run(worse).reason
-    assert state(ec2, worse_server) == "terminated"
-    assert state(ec2, better_server) == "running"
+    assert instance_state(ec2, worse_server) == "terminated"
+    assert instance_state(ec2, better_server) == "running"
 
 
 def test_cutover_records_history(gate, store, ec2, lambda_context):
@@ -385,7 +366,7 @@ def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
     gate.lambda_handler(meta_event(new_run), lambda_context)
     new_server = store.get_run(new_run).server_instance_id
     gate.lambda_handler(ready(store, ec2, new_server, new_run), lambda_context)
-    assert state(ec2, old_server) == "terminated"
+    assert instance_state(ec2, old_server) == "terminated"
 
     # WHEN a user asks for the old version back
     request = RollbackRequest(model_version=old_run, requested_at=utc_now())
@@ -401,8 +382,8 @@ def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
 
     # THEN the old version serves from a new server and history shows all three
     assert store.get_serving().model_version == old_run
-    assert state(ec2, new_server) == "terminated"
-    assert state(ec2, rollback_server) == "running"
+    assert instance_state(ec2, new_server) == "terminated"
+    assert instance_state(ec2, rollback_server) == "running"
     assert store.get_run(old_run).rollback_requested_at is None
     versions = [entry.model_version for entry in store.list_serving_history()]
     assert versions == [old_run, new_run, old_run]

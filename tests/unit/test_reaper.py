@@ -1,5 +1,4 @@
 import datetime
-import itertools
 import json
 
 import pytest
@@ -12,12 +11,11 @@ from mnist_pipeline.records import (
     TrainMeta,
     utc_now,
 )
-from tests.conftest import BUCKET, EVENTS_DIR
+from tests.conftest import BUCKET, EVENTS_DIR, instance_state, start_test_instance
 from tests.functions import load_function
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
 LONG_AGO = "2026-12-04T08:00:00Z"
-TEMPLATE_NUMBERS = itertools.count()
 
 
 @pytest.fixture
@@ -26,20 +24,6 @@ def reaper(ec2, monkeypatch):
     monkeypatch.setenv("MAX_TRAINING_MINUTES", "60")
     monkeypatch.setenv("SERVER_START_MINUTES", "15")
     return load_function("reaper")
-
-
-def start(ec2, role):
-    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    template = ec2.create_launch_template(
-        LaunchTemplateName=f"{role}-{next(TEMPLATE_NUMBERS)}",
-        LaunchTemplateData={"ImageId": image_id, "InstanceType": "t3.small"},
-    )["LaunchTemplate"]["LaunchTemplateId"]
-    return instances.start_instance(ec2, template, role, "test-stack", {}, role)
-
-
-def state(ec2, instance_id):
-    [reservation] = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    return reservation["Instances"][0]["State"]["Name"]
 
 
 def run(store, status, created_at, **fields):
@@ -62,20 +46,20 @@ def reap(reaper, lambda_context):
 
 
 def test_trainer_past_limit_is_ended(reaper, store, ec2, lambda_context):
-    trainer = start(ec2, instances.TRAINER_ROLE)
+    trainer = start_test_instance(ec2, instances.TRAINER_ROLE)
     run(store, RunStatus.TRAINING, LONG_AGO, trainer_instance_id=trainer)
 
     result = reap(reaper, lambda_context)
 
     record = store.get_run(RUN_ID)
-    assert state(ec2, trainer) == "terminated"
+    assert instance_state(ec2, trainer) == "terminated"
     assert record.status == RunStatus.FAILED
     assert "past the limit of 65" in record.reason
     assert result["failed"][0]["run_id"] == RUN_ID
 
 
 def test_trainer_that_died_silently_fails_run(reaper, store, ec2, lambda_context):
-    trainer = start(ec2, instances.TRAINER_ROLE)
+    trainer = start_test_instance(ec2, instances.TRAINER_ROLE)
     ec2.terminate_instances(InstanceIds=[trainer])
     run(store, RunStatus.TRAINING, utc_now(), trainer_instance_id=trainer)
 
@@ -87,7 +71,7 @@ def test_trainer_that_died_silently_fails_run(reaper, store, ec2, lambda_context
 
 
 def test_finished_trainer_is_left_to_gate(reaper, store, ec2, lambda_context):
-    trainer = start(ec2, instances.TRAINER_ROLE)
+    trainer = start_test_instance(ec2, instances.TRAINER_ROLE)
     ec2.terminate_instances(InstanceIds=[trainer])
     run(store, RunStatus.TRAINING, utc_now(), trainer_instance_id=trainer)
     store.put_train_meta(
@@ -106,16 +90,16 @@ def test_finished_trainer_is_left_to_gate(reaper, store, ec2, lambda_context):
 
 
 def test_healthy_runs_are_untouched(reaper, store, ec2, lambda_context):
-    trainer = start(ec2, instances.TRAINER_ROLE)
+    trainer = start_test_instance(ec2, instances.TRAINER_ROLE)
     run(store, RunStatus.TRAINING, utc_now(), trainer_instance_id=trainer)
 
     assert reap(reaper, lambda_context) == {"failed": []}
-    assert state(ec2, trainer) == "running"
+    assert instance_state(ec2, trainer) == "running"
 
 
 def test_server_that_never_got_ready_is_ended(reaper, store, ec2, lambda_context):
     # GIVEN an old model serving and a new server stuck starting for hours
-    old_server = start(ec2, instances.SERVER_ROLE)
+    old_server = start_test_instance(ec2, instances.SERVER_ROLE)
     store.put_serving(
         ServingPointer(
             model_version="old",
@@ -125,21 +109,21 @@ def test_server_that_never_got_ready_is_ended(reaper, store, ec2, lambda_context
             since=LONG_AGO,
         )
     )
-    new_server = start(ec2, instances.SERVER_ROLE)
+    new_server = start_test_instance(ec2, instances.SERVER_ROLE)
     run(store, RunStatus.PROMOTING, LONG_AGO, server_instance_id=new_server)
 
     reap(reaper, lambda_context)
 
     # THEN the new one is gone, the run failed and the old one still serves
-    assert state(ec2, new_server) == "terminated"
+    assert instance_state(ec2, new_server) == "terminated"
     assert store.get_run(RUN_ID).status == RunStatus.FAILED
     assert "did not report ready within 20 minutes" in store.get_run(RUN_ID).reason
-    assert state(ec2, old_server) == "running"
+    assert instance_state(ec2, old_server) == "running"
     assert store.get_serving().instance_id == old_server
 
 
 def test_crashed_new_server_fails_run(reaper, store, ec2, lambda_context):
-    new_server = start(ec2, instances.SERVER_ROLE)
+    new_server = start_test_instance(ec2, instances.SERVER_ROLE)
     ec2.terminate_instances(InstanceIds=[new_server])
     run(store, RunStatus.PROMOTING, utc_now(), server_instance_id=new_server)
 
