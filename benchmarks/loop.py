@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/loop.py --data DIR [--epochs N]
 
-DIR holds the four MNIST IDX files. Starts the local cloud, uploads the
+DIR contains the four MNIST IDX files. Starts the local cloud, uploads the
 dataset, waits until the model serves, classifies 100 test digits over
 HTTP and prints one JSON line:
 
@@ -11,8 +11,8 @@ HTTP and prints one JSON line:
     to_serving_s    upload done until the new server took over
     fit_s           the trainer's model.fit time, from train_meta.json
     test_accuracy   the served model's accuracy on the 10,000 test digits
-    http_correct    correct answers for the first 100 test digits over HTTP
-    total_s         start of the local cloud to the last answer
+    http_correct    correct predictions for the first 100 test digits over HTTP
+    total_s         start of the local cloud to the last prediction
 """
 
 import argparse
@@ -77,10 +77,10 @@ def main() -> int:
         meta = store.get_train_meta(record.run_id)
         serving = store.get_serving()
         files = {f"{i}.png": encode_png(dataset.x_test[i]) for i in range(100)}
-        answers = predict_files(serving.url, files)
+        predictions = predict_files(serving.url, files)
         correct = sum(
-            answer["digit"] == int(dataset.y_test[i])
-            for i, answer in enumerate(answers.values())
+            prediction["digit"] == int(dataset.y_test[i])
+            for i, prediction in enumerate(predictions.values())
         )
         total = time.monotonic() - started
 

@@ -2,11 +2,11 @@
 
 Usage: python benchmarks/serving.py --data DIR [--duration 10]
 
-DIR holds the four MNIST IDX files. The script trains the baseline CNN for
-2 epochs (or reuses the one in .benchmarks/), starts moto's server with the
-model in a bucket, starts ``python -m mnist_server`` and drives it from wrk
-(Debian package ``wrk``) at 8 connections, posting one 28x28 PNG as
-multipart form data. It then measures the original design's server
+DIR contains the four MNIST IDX files. The script trains the baseline CNN
+for 2 epochs, or reuses the one in .benchmarks/. It starts moto's server
+with the model in a bucket and starts ``python -m mnist_server``. wrk
+(Debian package ``wrk``) then drives it at 8 connections, posting one 28x28
+PNG as multipart form data. It then measures the original design's server
 (`seed_server`) the same way and prints one JSON line:
 
     predict_rps, predict_p50_ms, predict_p99_ms   POST /predict

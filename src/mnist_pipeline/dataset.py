@@ -257,8 +257,8 @@ def check_dataset(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
 
     ``source`` is a path or a seekable binary file, read from its start.
 
-    Uses only the standard library and never holds more than one chunk of
-    an array in memory. Reads every byte, so a truncated or corrupted
+    Uses only the standard library and keeps at most about one 1 MiB chunk
+    of an array in memory. Reads every byte, so a truncated or corrupted
     object fails here rather than on the trainer.
 
     Raises
@@ -291,8 +291,8 @@ def _check_archive(source: str | os.PathLike | IO[bytes]) -> DatasetSummary:
     if isinstance(source, str | os.PathLike):
         source = opened = open(source, "rb")  # noqa: SIM115 - closed below
     try:
-        # numpy.load tells an .npz from a .npy or a pickle by its first
-        # bytes, so the archive must start with a zip entry.
+        # numpy.load distinguishes an .npz from a .npy or a pickle by its
+        # first bytes, so the archive must start with a zip entry.
         source.seek(0)
         magic = source.read(4)
         source.seek(0)

@@ -4,7 +4,7 @@ Trainer and server instances start from the stack's launch templates, which
 hold the AMI, instance type, profile and user data. Everything that differs
 per instance travels as an instance tag. The user data reads the tags
 through the instance metadata service and passes each tag in
-`TAG_ENVIRONMENT` to the container as an environment variable; the local
+`TAG_ENVIRONMENT` to the container as an environment variable. The local
 cloud passes the same variables to its processes.
 """
 

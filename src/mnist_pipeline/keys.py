@@ -97,7 +97,7 @@ def upload_lock(data_key: str, etag: str, version_id: str | None = None) -> str:
 
     Every delivery of the same S3 event maps to the same lock, so only the
     first one that creates it starts a trainer. In a versioned bucket the
-    version id tells apart two uploads of the same bytes.
+    version id distinguishes two uploads of the same bytes.
     """
     identity = f"{data_key}\n{etag}\n{version_id or ''}"
     digest = hashlib.sha256(identity.encode()).hexdigest()

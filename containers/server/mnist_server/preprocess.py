@@ -157,8 +157,8 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     # Remove the paper's level and its noise: the border's median and three
     # median absolute deviations, which ink touching the border barely moves.
     # NOTE: a crop so tight that ink covers most of the border (a thin "1"
-    # cut at its ink box) reads as blank; 37 of MNIST's 1,135 test "1"s do
-    # when cropped that way.
+    # cut at its ink box) reads as blank. Cropped that way, 37 of the 1,135
+    # "1"s in the MNIST test set did.
     paper = _median(border)
     noise = 3 * _median(np.abs(border - paper))
     pixels = np.clip(pixels - paper, 0, None)

@@ -2,7 +2,7 @@
 
 The server runs the model with LiteRT (``ai-edge-litert``), not TensorFlow.
 `export_tflite` converts the Keras model, then runs both on real test
-digits and raises unless every prediction agrees; a model that fails this
+digits and raises unless every prediction agrees. A model that fails this
 check is never published.
 """
 

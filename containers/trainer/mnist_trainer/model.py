@@ -1,8 +1,8 @@
 """The CNN, its training recipe and its evaluation.
 
 The model takes 28x28x1 float32 pixel values from 0 (background) to 255
-(ink), the values of the dataset's uint8 images; a Rescaling layer inside the
-model maps them to 0-1, so every caller feeds raw pixel values.
+(ink), the values of the dataset's uint8 images. A Rescaling layer inside
+the model maps them to 0-1, so every caller feeds raw pixel values.
 """
 
 import dataclasses
@@ -70,7 +70,7 @@ def train_and_evaluate(
     """Train on the train split and evaluate on the held-out test split.
 
     The last 10% of the train split is the validation set (Keras'
-    ``validation_split``); the test split is never seen during training, so
+    ``validation_split``). The test split is never seen during training, so
     its accuracy is the number the gate trusts.
     """
     keras.utils.set_random_seed(seed)

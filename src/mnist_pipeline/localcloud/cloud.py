@@ -48,8 +48,8 @@ class LocalCloud:
     parameter_overrides
         Template parameter values, as ``sam deploy --parameter-overrides``.
     schedule_seconds
-        How often scheduled functions (the reaper) run; far more often than
-        the template's schedule, so a development loop sees their effect.
+        Seconds between runs of the scheduled functions (the reaper). Far
+        shorter than the template's schedule, so their effect shows quickly.
     """
 
     def __init__(

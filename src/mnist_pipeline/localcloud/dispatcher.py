@@ -1,15 +1,15 @@
 """Deliver S3 events to the Lambda handlers.
 
 S3 sends each notification to an SQS queue per function, filtered by the
-template's rules; moto builds the message exactly as S3 does, with a
+template's rules. moto builds the message exactly as S3 does, with a
 URL-encoded key. The dispatcher receives each message and invokes the
 function in a fresh process (`invoke`), with the message body as the event.
 A failed invocation is retried when the message becomes visible again, and
 after `MAX_ATTEMPTS` attempts SQS moves it to the function's dead-letter
 queue, as Lambda's asynchronous invocation does with its retries.
 
-Delivery is at least once and in no fixed order, as on AWS: handlers must
-tolerate both, and the dispatcher runs several invocations at once.
+Delivery is at least once and in no fixed order, as on AWS, so handlers
+must tolerate both. The dispatcher runs several invocations at once.
 """
 
 import concurrent.futures
@@ -32,7 +32,7 @@ CONCURRENT_INVOCATIONS = 4
 
 
 class FunctionQueue:
-    """A function and the queue that holds its pending events."""
+    """A function and the queue that contains its pending events."""
 
     def __init__(
         self,
@@ -171,8 +171,8 @@ class EventDispatcher:
 class Scheduler:
     """Invoke scheduled functions every ``interval`` seconds.
 
-    The template's schedules are minutes apart; the local cloud runs them
-    more often so that a development loop sees their effect quickly.
+    The template's schedules are minutes apart. The local cloud runs them
+    more often, so that their effect shows within seconds.
     """
 
     def __init__(
