@@ -3,11 +3,12 @@
 #               (DATA=dir of MNIST IDX files, PORT=local AWS endpoint port)
 #   make test   install, then run every check CI runs
 # Both create .venv from constraints.txt; `make test` also creates .venv-sam
-# for the AWS SAM CLI.
+# for the AWS SAM CLI and .venv-checkov for checkov.
 
 PYTHON ?= python3
 VENV := .venv
 SAM_VENV := .venv-sam
+CHECKOV_VENV := .venv-checkov
 BIN := $(VENV)/bin
 DATA ?=
 PORT ?= 5000
@@ -32,16 +33,28 @@ $(SAM_VENV)/bin/sam: constraints.txt
 
 tools: $(SAM_VENV)/bin/sam
 
+# checkov pins its own boto3 too, one that neither other environment can take.
+$(CHECKOV_VENV)/bin/checkov: constraints.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet "$$(grep '^checkov==' constraints.txt)"
+	touch $@
+
 demo: install
 	$(BIN)/mnist-pipeline demo $(DEMO_ARGS)
 
-lint: install tools
+# checkov fails on any failed check; the template's Metadata skips a check
+# for one resource, with the reason. pip-audit needs PyPI's vulnerability
+# data, so it runs in the GitHub workflow rather than here.
+lint: install tools $(CHECKOV_VENV)/bin/checkov
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/bandit --configfile pyproject.toml --recursive --quiet src functions containers
 	$(BIN)/hadolint containers/trainer/Dockerfile containers/server/Dockerfile
 	$(BIN)/shellcheck .ci/run scripts/push-images.sh
 	$(SAM_VENV)/bin/sam validate --lint --region us-east-1
 	$(SAM_VENV)/bin/cfn-lint template.yaml
+	$(CHECKOV_VENV)/bin/checkov --file template.yaml --framework cloudformation \
+		--skip-download --compact --quiet
 
 # sam build without Docker needs the Lambda runtime's Python (3.13) on PATH;
 # without it the step is skipped with a message, and the package checks in
@@ -76,4 +89,4 @@ test: lint build browser
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .localcloud .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SAM_VENV) $(CHECKOV_VENV) .localcloud .pytest_cache .ruff_cache

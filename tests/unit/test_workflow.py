@@ -35,6 +35,15 @@ def test_workflow_runs_the_readme_test_command():
     assert any("make test" in run for run in test_steps)
 
 
+def test_workflow_audits_dependencies_and_lints_itself():
+    # Both need the internet, so they run here rather than in `make test`.
+    runs = "\n".join(step.get("run", "") for step in WORKFLOW["jobs"]["test"]["steps"])
+
+    assert ".venv/bin/pip-audit --strict" in runs
+    assert "--requirement constraints.txt" in runs
+    assert ".venv/bin/actionlint" in runs
+
+
 def test_push_script_uses_template_repository_names():
     script = (ROOT / "scripts" / "push-images.sh").read_text()
     template = (ROOT / "template.yaml").read_text()
