@@ -11,6 +11,8 @@ PNG as multipart form data. It then measures the original design's server
 
     predict_rps, predict_p50_ms, predict_p99_ms   POST /predict
     health_rps                                    GET /health, same run
+    predict_health_ratio                          predict_rps / health_rps
+    predict_cpu_us, health_cpu_us                 server CPU time per request
     startup_s                                     process start to /health 200
     rss_mb                                        server memory after the load
     seed_predict_rps, seed_predict_p99_ms         the original design's server
@@ -132,6 +134,24 @@ def multipart_script(work: Path, png: bytes) -> Path:
     return script
 
 
+def cpu_seconds(pid: int) -> float:
+    """Return the user and system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+    # utime and stime, fields 14 and 15 of proc(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk_measuring_cpu(url: str, duration: int, pid: int, **options) -> dict:
+    """Run wrk and add the server's CPU microseconds per request to its result."""
+    before = cpu_seconds(pid)
+    result = run_wrk(url, duration, **options)
+    used = cpu_seconds(pid) - before
+    result["cpu_us"] = round(used / (result["rps"] * duration) * 1e6, 1)
+
+    return result
+
+
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
 
@@ -189,8 +209,10 @@ def main() -> int:
         )
         try:
             startup = wait_healthy(url)
-            predict = run_wrk(f"{url}/predict", args.duration, script)
-            health = run_wrk(f"{url}/health", args.duration)
+            predict = run_wrk_measuring_cpu(
+                f"{url}/predict", args.duration, server.pid, script=script
+            )
+            health = run_wrk_measuring_cpu(f"{url}/health", args.duration, server.pid)
             memory = rss_mb(server.pid)
         finally:
             server.terminate()
@@ -232,6 +254,9 @@ def main() -> int:
                 "predict_p99_ms": predict["p99_ms"],
                 "predict_errors": predict["errors"],
                 "health_rps": health["rps"],
+                "predict_health_ratio": round(predict["rps"] / health["rps"], 3),
+                "predict_cpu_us": predict["cpu_us"],
+                "health_cpu_us": health["cpu_us"],
                 "startup_s": round(startup, 3),
                 "rss_mb": round(memory, 1),
                 "seed_predict_rps": seed_predict["rps"],

@@ -1,4 +1,7 @@
+import http.client
 import io
+import json
+import socket
 
 import numpy as np
 import pytest
@@ -74,6 +77,104 @@ def test_missing_file_field_gets_422(client):
     response = client.post("/predict", data={"other": "x"})
 
     assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert "application/x-www-form-urlencoded" in error["msg"]
+
+
+def test_form_without_file_part_gets_422(client):
+    response = client.post("/predict", files={"other": ("d.png", b"x")})
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "file"]
+    assert "file field named `file`" in error["msg"]
+
+
+def test_empty_multipart_body_gets_422(client):
+    response = client.post(
+        "/predict",
+        content=b"",
+        headers={"content-type": "multipart/form-data; boundary=abc"},
+    )
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert "the request body is empty" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "detail"),
+    [
+        (b"x", "multipart/form-data", "no boundary parameter"),
+        (b"garbage", "multipart/form-data; boundary=abc", "malformed"),
+        (
+            b'--abc\r\nContent-Disposition: form-data; name="file"\r\n\r\nxyz',
+            "multipart/form-data; boundary=abc",
+            "ends before its closing boundary",
+        ),
+        (
+            b"--abc\r\nContent-Type: image/png\r\n\r\nxyz\r\n--abc--\r\n",
+            "multipart/form-data; boundary=abc",
+            "no name in its Content-Disposition",
+        ),
+    ],
+    ids=["no-boundary", "garbage", "cut-off", "unnamed-part"],
+)
+def test_bad_multipart_gets_400(client, body, content_type, detail):
+    response = client.post(
+        "/predict", content=body, headers={"content-type": content_type}
+    )
+
+    assert response.status_code == 400
+    assert detail in response.json()["detail"]
+
+
+def test_other_form_fields_are_ignored(client, small_mnist):
+    image = png(small_mnist.x_test[0])
+    expected = client.post("/predict", files={"file": ("d.png", image)}).json()
+
+    response = client.post(
+        "/predict", files={"note": (None, "hello"), "file": ("d.png", image)}
+    )
+
+    assert response.status_code == 200
+    assert response.json() == expected
+
+
+def test_file_part_without_filename_is_read(client, small_mnist):
+    response = client.post(
+        "/predict", files={"file": (None, png(small_mnist.x_test[0]))}
+    )
+
+    assert response.status_code == 200
+    assert response.json()["digit"] == small_mnist.y_test[0]
+
+
+def test_two_file_parts_get_413(client, small_mnist):
+    image = png(small_mnist.x_test[0])
+    files = [("file", ("a.png", image)), ("file", ("b.png", image))]
+
+    response = client.post("/predict", files=files)
+
+    assert response.status_code == 413
+    assert "more than one `file` part" in response.json()["detail"]
+
+
+def test_prediction_body_is_compact_json(client, small_mnist):
+    response = client.post(
+        "/predict", files={"file": ("d.png", png(small_mnist.x_test[0]))}
+    )
+
+    assert response.headers["content-type"] == "application/json"
+    assert list(response.json()) == [
+        "digit",
+        "confidence",
+        "probabilities",
+        "model_version",
+        "run_id",
+    ]
+    assert b" " not in response.content
 
 
 def test_oversized_upload_gets_413(s3, small_mnist):
@@ -87,9 +188,87 @@ def test_oversized_upload_gets_413(s3, small_mnist):
     assert "larger than 100 bytes" in response.json()["detail"]
 
 
+def test_oversized_body_rejected_before_reading(s3):
+    from mnist_pipeline.localcloud.runner import free_port
+
+    settings = server_settings(port=free_port(), max_upload_bytes=100)
+    boundary = "limit"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="d.png"\r\n\r\n'
+    ).encode()
+    with (
+        serve(settings, s3),
+        socket.create_connection(("127.0.0.1", settings.port), timeout=10) as conn,
+    ):
+        # Content-Length announces 10 MB, and only the part header follows.
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"Content-Length: 10000000\r\n\r\n"
+            + head
+        )
+        reply = http.client.HTTPResponse(conn)
+        reply.begin()
+        detail = json.loads(reply.read())["detail"]
+
+    assert reply.status == 413
+    assert "The request body is 10000000 bytes" in detail
+    assert "for one file of at most 100 bytes" in detail
+
+
+def test_oversized_chunked_body_gets_413(s3):
+    from mnist_pipeline.localcloud.runner import free_port
+
+    settings = server_settings(port=free_port(), max_upload_bytes=100)
+    boundary = "limit"
+    # Chunked, so the server learns the size only while reading: 70,000
+    # bytes of one ignored field pass the 100 + 65,536-byte body limit.
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+    ).encode() + b"x" * 70_000
+    with (
+        serve(settings, s3),
+        socket.create_connection(("127.0.0.1", settings.port), timeout=10) as conn,
+    ):
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + f"{len(part):x}\r\n".encode()
+            + part
+            + b"\r\n"
+        )
+        reply = http.client.HTTPResponse(conn)
+        reply.begin()
+        detail = json.loads(reply.read())["detail"]
+
+    assert reply.status == 413
+    assert "The request body is larger than the limit of 65636 bytes" in detail
+
+
 def test_openapi_docs_served(client):
     assert client.get("/docs").status_code == 200
     assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "is_list"),
+    [("/predict", "file", False), ("/predict/batch", "files", True)],
+)
+def test_openapi_describes_file_fields(client, path, field, is_list):
+    operation = client.get("/openapi.json").json()["paths"][path]["post"]
+    body = operation["requestBody"]
+
+    assert body["required"] is True
+    schema = body["content"]["multipart/form-data"]["schema"]
+    assert schema["required"] == [field]
+    field_schema = schema["properties"][field]
+    assert "PNG or JPEG" in field_schema["description"]
+    file_schema = field_schema["items"] if is_list else field_schema
+    assert file_schema["type"] == "string"
+    assert file_schema["contentMediaType"] == "application/octet-stream"
+    assert {"200", "400", "413", "422"} <= set(operation["responses"])
 
 
 def test_corrupt_model_never_becomes_healthy(s3):
@@ -142,6 +321,19 @@ def test_batch_over_limit_gets_413(s3, small_mnist):
 
     assert response.status_code == 413
     assert "4 files, more than the limit of 3" in response.json()["detail"]
+
+
+def test_batch_file_over_limit_gets_413(s3, small_mnist):
+    app = create_app(server_settings(max_upload_bytes=100), s3=s3, announce=False)
+    files = [
+        ("files", ("0.png", b"x" * 10)),
+        ("files", ("1.png", png(small_mnist.x_test[1]))),
+    ]
+    with TestClient(app) as client:
+        response = client.post("/predict/batch", files=files)
+
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("File 1 is larger than 100 bytes")
 
 
 def test_batch_names_the_bad_file(client, small_mnist):

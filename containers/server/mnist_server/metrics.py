@@ -4,6 +4,11 @@
 request by route template and status. Labels use the template, not the raw
 path, so unknown paths cannot grow the label set. ``predictions_total``
 counts predicted digits by model version.
+
+``labels()`` looks its child up under a lock on every call, so the
+labelled children are cached per label set. There are few label sets,
+because the labels are route templates, the HTTP methods uvicorn's parser
+accepts, status codes, and ten digits per model version.
 """
 
 import time
@@ -38,6 +43,35 @@ class ServerMetrics:
             ["digit", "model_version"],
             registry=self.registry,
         )
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._latency_histograms: dict[str, Any] = {}
+        self._prediction_counters: dict[tuple[int, str], Any] = {}
+
+    def record_request(
+        self, route: str, method: str, status: int, seconds: float
+    ) -> None:
+        """Count one request and record its duration."""
+        key = (route, method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self.requests.labels(route, method, str(status))
+            self._request_counters[key] = counter
+        counter.inc()
+
+        histogram = self._latency_histograms.get(route)
+        if histogram is None:
+            histogram = self.latency.labels(route)
+            self._latency_histograms[route] = histogram
+        histogram.observe(seconds)
+
+    def count_prediction(self, digit: int, model_version: str) -> None:
+        """Count one predicted digit."""
+        key = (digit, model_version)
+        counter = self._prediction_counters.get(key)
+        if counter is None:
+            counter = self.predictions.labels(str(digit), model_version)
+            self._prediction_counters[key] = counter
+        counter.inc()
 
 
 class MetricsMiddleware:
@@ -66,7 +100,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             route_path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(route_path, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route_path).observe(
-                time.perf_counter() - started
+            self.metrics.record_request(
+                route_path, scope["method"], status, time.perf_counter() - started
             )

@@ -70,7 +70,9 @@ def open_image(data: bytes) -> Image.Image:
             f"{MAX_PIXELS} pixels; scale it down before sending."
         )
     try:
-        image = ImageOps.exif_transpose(image)
+        # In place, because without an orientation tag the default returns a
+        # copy of the image.
+        ImageOps.exif_transpose(image, in_place=True)
         image.load()
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise InvalidImageError(
