@@ -5,6 +5,12 @@ takes the upload lock (so a redelivered event starts nothing), validates the
 dataset, writes the run record and starts one trainer instance. A dataset
 that fails its check gets a ``rejected`` run record with the reason, and no
 instance starts.
+
+A trainer that cannot start (no capacity in any subnet, a quota, throttling)
+leaves its run ``failed`` with the reason and the fix, and the handler
+raises. Lambda then retries the event, and each retry tries to start the
+same run's trainer again. After the last retry the event goes to the
+dead-letter queue, and replaying it from there tries once more.
 """
 
 import datetime
@@ -17,9 +23,9 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from mnist_pipeline import instances, keys
+from mnist_pipeline import hyperparameters, instances, keys
 from mnist_pipeline.dataset import MAX_OBJECT_BYTES, check_dataset
 from mnist_pipeline.exceptions import InvalidDatasetError
 from mnist_pipeline.records import RunRecord, RunStatus, utc_now
@@ -33,7 +39,8 @@ metrics = Metrics()
 # Read at import so that a missing variable fails the first invocation.
 SETTINGS = LauncherSettings.from_env()
 s3 = boto3.client("s3")
-ec2 = boto3.client("ec2")
+# Retries throttled and failed EC2 requests in place; see `instances`.
+ec2 = boto3.client("ec2", config=instances.EC2_CONFIG)
 
 
 # A lock older than this, whose run has no trainer, belonged to an invocation
@@ -75,6 +82,8 @@ def start_run(
     UploadInProgressError
         When another delivery of the event is still handling the upload;
         the retry finds it done or takes it over.
+    InstanceStartError
+        When no trainer started; the run is marked failed first.
     """
     claim = store.claim_upload(
         data_key,
@@ -99,7 +108,6 @@ def start_run(
         data_key=data_key,
         data_etag=etag,
         data_size=size,
-        training_epochs=SETTINGS.training_epochs,
         created_at=now,
         updated_at=now,
     )
@@ -118,9 +126,10 @@ def start_run(
         with tempfile.TemporaryFile() as local_copy:
             # IfMatch pins the version this event is about: if the key was
             # overwritten since, the newer object has an event of its own.
-            store.download(data_key, etag, local_copy)
+            metadata = store.download(data_key, etag, local_copy)
             summary = check_dataset(local_copy)
-    except InvalidDatasetError as exc:
+        chosen = hyperparameters.from_metadata(metadata, SETTINGS.hyperparameters)
+    except (InvalidDatasetError, hyperparameters.InvalidRunRequestError) as exc:
         store.put_run(_reject(record, str(exc)))
         return record
     except ClientError as exc:
@@ -140,6 +149,7 @@ def start_run(
         train_size=summary.train_size,
         test_size=summary.test_size,
         warnings=summary.warnings or None,
+        hyperparameters=chosen.to_dict(),
     )
     for warning in summary.warnings:
         logger.warning("Dataset warning", extra={"warning": warning})
@@ -155,15 +165,21 @@ def start_run(
             stack_name=SETTINGS.stack_name,
             tags={instances.RUN_ID_TAG: run_id},
             client_token=f"train-{run_id}",
+            subnet_ids=SETTINGS.subnet_ids,
+            spot=SETTINGS.use_spot,
         )
-    except ClientError as exc:
+    except (instances.InstanceStartError, ClientError, BotoCoreError) as exc:
+        # Raised on after recording, so that Lambda retries the event and
+        # finally sends it to the dead-letter queue.
         record.update(
             status=RunStatus.FAILED, reason=f"The trainer did not start: {exc}"
         )
         store.put_run(record)
+        logger.error("Trainer did not start", extra={"reason": record.reason})
+        metrics.add_metric(name="TrainerStartsFailed", unit=MetricUnit.Count, value=1)
         raise
 
-    record.update(trainer_instance_id=instance_id)
+    record.update(trainer_instance_id=instance_id, trainer_started_at=utc_now())
     store.put_run(record)
     logger.info(
         "Trainer started",

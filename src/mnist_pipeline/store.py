@@ -21,6 +21,8 @@ from mnist_pipeline.records import (
     RunStatus,
     ServerReady,
     ServingPointer,
+    TrainingCheckpoint,
+    TrainingProgress,
     TrainMeta,
     _Document,
     utc_now,
@@ -87,10 +89,16 @@ class PipelineStore:
             ContentType="application/json",
         )
 
-    def download(self, key: str, etag: str, target: IO[bytes]) -> None:
-        """Copy one version of an object, named by its ETag, into ``target``."""
+    def download(self, key: str, etag: str, target: IO[bytes]) -> dict[str, str]:
+        """Copy one version of an object, named by its ETag, into ``target``.
+
+        Returns the object's user metadata (``x-amz-meta-*``, without the
+        prefix).
+        """
         response = self.s3.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)
         shutil.copyfileobj(response["Body"], target, 1 << 20)
+
+        return response.get("Metadata", {})
         target.seek(0)
 
     def _write_lock(self, key: str, run_id: str, **condition: str) -> bool:
@@ -122,7 +130,10 @@ class PipelineStore:
         seconds) it raises `UploadInProgressError`, so the event is retried.
         An older lock whose run never got a trainer belonged to an
         invocation that crashed: the caller takes it over with a write
-        conditional on the lock's ETag and resumes the same run.
+        conditional on the lock's ETag and resumes the same run. A run that
+        failed without ever getting a trainer (no capacity, or the reaper
+        gave up on it) is taken over the same way at any age, so a retried
+        or replayed event tries to start its trainer again.
 
         Raises
         ------
@@ -136,8 +147,15 @@ class PipelineStore:
         response = self.s3.get_object(Bucket=self.bucket, Key=lock_key)
         lock = json.loads(response["Body"].read())
         record = self.get_run(lock["run_id"])
-        if record is not None and (
-            record.trainer_instance_id or record.status != RunStatus.TRAINING
+        start_failed = (
+            record is not None
+            and record.status == RunStatus.FAILED
+            and not record.trainer_instance_id
+        )
+        if (
+            record is not None
+            and not start_failed
+            and (record.trainer_instance_id or record.status != RunStatus.TRAINING)
         ):
             return UploadClaim(run_id=lock["run_id"], owned=False)
 
@@ -145,7 +163,7 @@ class PipelineStore:
             lock["created_at"].replace("Z", "+00:00")
         )
         age = (datetime.datetime.now(datetime.UTC) - created).total_seconds()
-        if age < stale_after:
+        if age < stale_after and not start_failed:
             raise UploadInProgressError(
                 f"Run {lock['run_id']} for {data_key} started {age:.0f} s ago and has "
                 "no trainer yet; retry once its invocation ends."
@@ -197,6 +215,18 @@ class PipelineStore:
 
     def put_train_meta(self, meta: TrainMeta) -> None:
         self._put(keys.train_meta(meta.run_id), meta)
+
+    def get_progress(self, run_id: str) -> TrainingProgress | None:
+        return self._get(TrainingProgress, keys.progress(run_id))
+
+    def put_progress(self, progress: TrainingProgress) -> None:
+        self._put(keys.progress(progress.run_id), progress)
+
+    def get_checkpoint(self, run_id: str) -> TrainingCheckpoint | None:
+        return self._get(TrainingCheckpoint, keys.checkpoint_state(run_id))
+
+    def put_checkpoint(self, checkpoint: TrainingCheckpoint) -> None:
+        self._put(keys.checkpoint_state(checkpoint.run_id), checkpoint)
 
     def get_serving(self) -> ServingPointer | None:
         return self._get(ServingPointer, keys.SERVING_CURRENT)

@@ -2,8 +2,8 @@
 
 The local cloud builds its bucket, launch templates, event wiring and
 function environments from the same template that ``sam deploy`` uses, so
-the two cannot drift apart. `StackValues` resolves ``Ref`` and ``Fn::Sub``
-against local values.
+the two cannot drift apart. `StackValues` resolves ``Ref``, ``Fn::GetAtt``
+and ``Fn::Sub`` against local values.
 """
 
 import dataclasses
@@ -111,10 +111,13 @@ def functions(template: dict[str, Any]) -> list[FunctionSpec]:
 
 
 class StackValues:
-    """Resolve ``Ref`` and ``Fn::Sub`` against local stand-ins.
+    """Resolve ``Ref``, ``Fn::GetAtt``, ``Fn::Sub`` and ``Fn::Join`` locally.
 
     Parameters take their template default unless overridden; resources
-    resolve to the local physical ids registered with `set_resource`.
+    resolve to the local physical ids registered with `set_resource`, and
+    their attributes to the values registered with it. An attribute that
+    was not registered resolves to ``<physical id>.<attribute>``, a stand-in
+    like the physical id itself.
     """
 
     def __init__(
@@ -136,16 +139,35 @@ class StackValues:
                 self.values[name] = str(parameter["Default"])
         self.values.update(parameter_overrides or {})
 
-    def set_resource(self, logical_id: str, physical_id: str) -> None:
+    def set_resource(
+        self, logical_id: str, physical_id: str, **attributes: str
+    ) -> None:
         self.values[logical_id] = physical_id
+        for name, attribute in attributes.items():
+            self.values[f"{logical_id}.{name}"] = attribute
+
+    def _lookup(self, name: str) -> str:
+        """Return a parameter, resource or ``Resource.Attribute`` value."""
+        if name in self.values or "." not in name:
+            return self.values[name]
+        logical_id, attribute = name.split(".", 1)
+
+        return f"{self.values[logical_id]}.{attribute}"
 
     def resolve(self, value: Any) -> str:
         if isinstance(value, str | int | float):
             return str(value)
         if isinstance(value, dict) and "Ref" in value:
             return self.values[value["Ref"]]
+        if isinstance(value, dict) and "Fn::GetAtt" in value:
+            return self._lookup(".".join(value["Fn::GetAtt"]))
         if isinstance(value, dict) and "Fn::Sub" in value:
             return re.sub(
-                r"\$\{([^}!]+)\}", lambda m: self.values[m.group(1)], value["Fn::Sub"]
+                r"\$\{([^}!]+)\}", lambda m: self._lookup(m.group(1)), value["Fn::Sub"]
             )
+        if isinstance(value, dict) and "Fn::Join" in value:
+            delimiter, items = value["Fn::Join"]
+            if isinstance(items, dict):  # a Ref to a CommaDelimitedList parameter
+                items = self.resolve(items).split(",")
+            return delimiter.join(self.resolve(item) for item in items)
         raise ValueError(f"The local cloud cannot resolve {value!r}")
