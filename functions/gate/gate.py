@@ -8,8 +8,10 @@ Invoked by two kinds of S3 objects:
   record and, on promotion, starts a server instance for the new model.
 * ``serving/ready/<instance_id>.json``, written by a new server once it
   serves HTTP with its model loaded and has classified the run's smoke
-  digits correctly. The gate then points ``serving/current.json`` at the
-  new model and only then terminates the previous server.
+  digits correctly. The gate then moves the serving Elastic IP to the new
+  server and points ``serving/current.json`` at it. The previous server
+  keeps running for ``SERVER_GRACE_SECONDS``; the scheduled reaper then
+  terminates it.
 
 A rejected model leaves the current server untouched.
 """
@@ -47,7 +49,7 @@ metrics = Metrics()
 # Read at import so that a missing variable fails the first invocation.
 SETTINGS = GateSettings.from_env()
 s3 = boto3.client("s3")
-ec2 = boto3.client("ec2")
+ec2 = boto3.client("ec2", config=instances.EC2_CONFIG)
 
 
 def decide(
@@ -90,6 +92,29 @@ def start_server(model_version: str, client_token: str) -> str:
             instances.RUN_ID_TAG: model_version,
         },
         client_token=client_token,
+        subnet_ids=SETTINGS.subnet_ids,
+    )
+
+
+def move_serving_address(instance_id: str) -> None:
+    """Associate the serving Elastic IP with an instance, taking it from another.
+
+    Checks the current association first: a retried cutover finds the
+    address already moved and leaves it, since EC2 may charge each remap.
+    """
+    allocation_id = SETTINGS.serving_allocation_id
+    [address] = ec2.describe_addresses(AllocationIds=[allocation_id])["Addresses"]
+    holder = address.get("InstanceId")
+    if holder == instance_id:
+        logger.info("Serving address already on the new server")
+        return
+
+    ec2.associate_address(
+        AllocationId=allocation_id, InstanceId=instance_id, AllowReassociation=True
+    )
+    logger.info(
+        "Serving address moved to the new server",
+        extra={"public_ip": address.get("PublicIp"), "previous_holder": holder},
     )
 
 
@@ -158,9 +183,8 @@ def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
         reason=reason,
     )
     logger.info("Gate decision", extra={"decision": decision, "reason": reason})
-    metrics.add_metric(
-        name=f"Models{decision.title()}d", unit=MetricUnit.Count, value=1
-    )
+    metric = "ModelsPromoted" if decision == Decision.PROMOTE else "ModelsRejected"
+    metrics.add_metric(name=metric, unit=MetricUnit.Count, value=1)
 
     if decision == Decision.REJECT:
         record.update(status=RunStatus.NOT_PROMOTED)
@@ -177,7 +201,11 @@ def review_training(store: PipelineStore, run_id: str) -> RunRecord | None:
 
 @tracer.capture_method
 def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
-    """Point users at a new healthy server, then retire the previous one."""
+    """Move the serving address and pointer to a new healthy server.
+
+    The previous server keeps running; the reaper terminates it once the
+    grace period has passed.
+    """
     try:
         ready = store.get_server_ready(ready_key)
     except InvalidRecordError as exc:
@@ -237,8 +265,16 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
             )
             return record
 
+    # Users reach the new server once the address moves; the pointer follows,
+    # so it never names a server that users cannot reach at its URL.
+    # NOTE: if the writes below fail on every retry, the address stays here
+    # while the run stays promoting. Replay the event from the dead-letter
+    # queue within ServerStartMinutes, or the reaper terminates this server.
+    if SETTINGS.serving_allocation_id:
+        move_serving_address(ready.instance_id)
+
     # On a retry after a partial failure the pointer already names this
-    # server, and the server to retire is the one it replaced.
+    # server, and the server it replaced is recorded as the previous one.
     if current and current.instance_id == ready.instance_id:
         previous_version = current.previous_version
         previous_instance_id = current.previous_instance_id
@@ -250,7 +286,7 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         model_version=ready.model_version,
         test_accuracy=record.test_accuracy or 0.0,
         instance_id=ready.instance_id,
-        url=ready.url,
+        url=SETTINGS.serving_url or ready.url,
         since=utc_now(),
         previous_version=previous_version,
         previous_instance_id=previous_instance_id,
@@ -261,15 +297,11 @@ def complete_cutover(store: PipelineStore, ready_key: str) -> RunRecord | None:
         status=RunStatus.PROMOTED, server_url=ready.url, rollback_requested_at=None
     )
     store.put_run(record)
-    logger.info("New model serving", extra={"url": ready.url})
+    logger.info(
+        "New model serving",
+        extra={"url": pointer.url, "previous_instance_id": previous_instance_id},
+    )
     metrics.add_metric(name="CutoversCompleted", unit=MetricUnit.Count, value=1)
-
-    if previous_instance_id:
-        instances.terminate_instance(ec2, previous_instance_id)
-        logger.info(
-            "Previous server terminated",
-            extra={"previous_instance_id": previous_instance_id},
-        )
 
     return record
 
@@ -279,7 +311,8 @@ def start_rollback(store: PipelineStore, request_key: str) -> RunRecord | None:
     """Start a server for an earlier model version that a user asked for.
 
     The cutover then takes the same path as a promotion (smoke digits,
-    ready report, pointer, old server retired) but skips the accuracy rule.
+    ready report, address and pointer moved, old server retired after the
+    grace period) but skips the accuracy rule.
     """
     try:
         request = store.get_rollback_request(request_key)

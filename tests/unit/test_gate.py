@@ -21,17 +21,31 @@ from tests.functions import load_function
 
 RUN_ID = "20261204T150000Z-1a2b3c4d"
 OLD_RUN_ID = "20261201T090000Z-99999999"
+SERVING_URL = "http://203.0.113.10:8000"
 
 
 @pytest.fixture
-def gate(ec2, monkeypatch):
+def address(ec2):
+    """Allocation id of the stack's serving Elastic IP."""
+    return ec2.allocate_address(Domain="vpc")["AllocationId"]
+
+
+@pytest.fixture
+def gate(ec2, address, monkeypatch):
     monkeypatch.setenv("BUCKET_NAME", BUCKET)
     monkeypatch.setenv("SERVER_LAUNCH_TEMPLATE_ID", launch_template(ec2, "server"))
     monkeypatch.setenv("STACK_NAME", "test-stack")
     monkeypatch.setenv("ACCURACY_THRESHOLD", "0.95")
     monkeypatch.setenv("ACCURACY_TOLERANCE", "0.005")
+    monkeypatch.setenv("SERVING_ALLOCATION_ID", address)
+    monkeypatch.setenv("SERVING_URL", SERVING_URL)
 
     return load_function("gate")
+
+
+def address_holder(ec2, allocation_id):
+    [described] = ec2.describe_addresses(AllocationIds=[allocation_id])["Addresses"]
+    return described.get("InstanceId")
 
 
 def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
@@ -65,15 +79,20 @@ def training_run(store, ec2, run_id=RUN_ID, status="succeeded", accuracy=0.99):
     return trainer_id
 
 
-def serving(store, ec2, accuracy):
-    """Store a model that is already serving, with its server running."""
+def serving(store, ec2, accuracy, allocation_id=None):
+    """Store a model that is already serving, with its server running.
+
+    With ``allocation_id`` the server also holds the serving address.
+    """
     server_id = start_test_instance(ec2, instances.SERVER_ROLE, OLD_RUN_ID)
+    if allocation_id:
+        ec2.associate_address(AllocationId=allocation_id, InstanceId=server_id)
     store.put_serving(
         ServingPointer(
             model_version=OLD_RUN_ID,
             test_accuracy=accuracy,
             instance_id=server_id,
-            url="http://old:8000",
+            url=SERVING_URL,
             since=utc_now(),
         )
     )
@@ -125,8 +144,8 @@ def test_model_below_threshold_is_not_promoted(gate, store, ec2, lambda_context)
     assert servers(ec2) == []
 
 
-def test_worse_model_leaves_server_untouched(gate, store, ec2, lambda_context):
-    old_server = serving(store, ec2, accuracy=0.995)
+def test_worse_model_leaves_server_untouched(gate, store, ec2, address, lambda_context):
+    old_server = serving(store, ec2, accuracy=0.995, allocation_id=address)
     training_run(store, ec2, accuracy=0.985)
 
     gate.lambda_handler(meta_event(), lambda_context)
@@ -138,6 +157,7 @@ def test_worse_model_leaves_server_untouched(gate, store, ec2, lambda_context):
     assert "worse than the serving model's 0.9950" in run.reason
     assert [s["InstanceId"] for s in servers(ec2)] == [old_server]
     assert store.get_serving().model_version == OLD_RUN_ID
+    assert address_holder(ec2, address) == old_server
 
 
 def test_model_within_tolerance_is_promoted(gate, store, ec2, lambda_context):
@@ -206,29 +226,69 @@ def ready(store, ec2, instance_id, run_id=RUN_ID):
     return s3_event("gate_server_ready.json", key=keys.server_ready(instance_id))
 
 
-def test_ready_server_takes_over_and_old_one_ends(gate, store, ec2, lambda_context):
-    old_server = serving(store, ec2, accuracy=0.99)
+def test_ready_server_takes_over_the_address(gate, store, ec2, address, lambda_context):
+    old_server = serving(store, ec2, accuracy=0.99, allocation_id=address)
     training_run(store, ec2, accuracy=0.991)
     gate.lambda_handler(meta_event(), lambda_context)
     new_server = store.get_run(RUN_ID).server_instance_id
-    # The old server keeps serving until the new one reports ready.
-    assert instance_state(ec2, old_server) == "running"
+    # The old server keeps the address until the new one reports ready.
+    assert address_holder(ec2, address) == old_server
 
     gate.lambda_handler(ready(store, ec2, new_server), lambda_context)
 
     pointer = store.get_serving()
     run = store.get_run(RUN_ID)
+    assert address_holder(ec2, address) == new_server
     assert pointer.model_version == RUN_ID
     assert pointer.instance_id == new_server
-    assert pointer.url == "http://new:8000"
+    assert pointer.url == SERVING_URL
     assert pointer.previous_version == OLD_RUN_ID
+    assert pointer.previous_instance_id == old_server
     assert run.status == RunStatus.PROMOTED
-    assert instance_state(ec2, old_server) == "terminated"
+    assert run.server_url == "http://new:8000"
+    # The reaper retires the old server after the grace period.
+    assert instance_state(ec2, old_server) == "running"
     assert instance_state(ec2, new_server) == "running"
 
 
-def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_context):
-    old_server = serving(store, ec2, accuracy=0.99)
+def test_server_never_ready_leaves_address(gate, store, ec2, address, lambda_context):
+    # GIVEN a promotion whose new server never reports ready
+    old_server = serving(store, ec2, accuracy=0.99, allocation_id=address)
+    training_run(store, ec2, accuracy=0.991)
+
+    gate.lambda_handler(meta_event(), lambda_context)
+
+    # THEN users keep the old server at the same address
+    assert store.get_run(RUN_ID).status == RunStatus.PROMOTING
+    assert address_holder(ec2, address) == old_server
+    assert store.get_serving().instance_id == old_server
+    assert instance_state(ec2, old_server) == "running"
+
+
+def test_gate_without_address_moves_pointer_only(
+    ec2, store, monkeypatch, lambda_context
+):
+    monkeypatch.setenv("BUCKET_NAME", BUCKET)
+    monkeypatch.setenv("SERVER_LAUNCH_TEMPLATE_ID", launch_template(ec2, "server"))
+    monkeypatch.setenv("STACK_NAME", "test-stack")
+    monkeypatch.delenv("SERVING_ALLOCATION_ID", raising=False)
+    monkeypatch.delenv("SERVING_URL", raising=False)
+    gate = load_function("gate")
+    training_run(store, ec2)
+    gate.lambda_handler(meta_event(), lambda_context)
+    server = store.get_run(RUN_ID).server_instance_id
+
+    gate.lambda_handler(ready(store, ec2, server), lambda_context)
+
+    pointer = store.get_serving()
+    assert pointer.instance_id == server
+    assert pointer.url == "http://new:8000"
+
+
+def test_ready_report_of_unknown_server_is_ignored(
+    gate, store, ec2, address, lambda_context
+):
+    old_server = serving(store, ec2, accuracy=0.99, allocation_id=address)
     training_run(store, ec2)
     gate.lambda_handler(meta_event(), lambda_context)
 
@@ -239,6 +299,7 @@ def test_ready_report_of_unknown_server_is_ignored(gate, store, ec2, lambda_cont
     assert result == {"runs": []}
     assert store.get_serving().model_version == OLD_RUN_ID
     assert instance_state(ec2, old_server) == "running"
+    assert address_holder(ec2, address) == old_server
 
 
 @pytest.mark.parametrize(
@@ -269,11 +330,12 @@ def test_ready_report_before_review_is_retried(gate, store, ec2, lambda_context)
     assert store.get_serving() is None
 
 
-def test_cutover_retry_still_retires_old_server(
-    gate, store, ec2, lambda_context, monkeypatch
+def test_cutover_retry_keeps_history_and_address(
+    gate, store, ec2, address, lambda_context, monkeypatch
 ):
-    # GIVEN a cutover that moved the pointer, then failed to save the run
-    old_server = serving(store, ec2, accuracy=0.99)
+    # GIVEN a cutover that moved the address and pointer, then failed to save
+    # the run
+    old_server = serving(store, ec2, accuracy=0.99, allocation_id=address)
     training_run(store, ec2)
     gate.lambda_handler(meta_event(), lambda_context)
     new_server = store.get_run(RUN_ID).server_instance_id
@@ -294,13 +356,22 @@ def test_cutover_retry_still_retires_old_server(
     assert original_put_run
 
     # WHEN the event is retried
+    associations = []
+    associate = gate.ec2.associate_address
+    monkeypatch.setattr(
+        gate.ec2,
+        "associate_address",
+        lambda **kwargs: associations.append(kwargs) or associate(**kwargs),
+    )
     gate.lambda_handler(event, lambda_context)
 
-    # THEN the old server is retired and the pointer keeps the right history
+    # THEN the pointer keeps the right history and the address is not remapped
     pointer = store.get_serving()
     assert pointer.instance_id == new_server
     assert pointer.previous_version == OLD_RUN_ID
-    assert instance_state(ec2, old_server) == "terminated"
+    assert pointer.previous_instance_id == old_server
+    assert address_holder(ec2, address) == new_server
+    assert associations == []
     assert store.get_run(RUN_ID).status == RunStatus.PROMOTED
 
 
@@ -318,9 +389,11 @@ def test_malformed_run_record_is_ignored(gate, store, ec2, lambda_context):
     assert instance_state(ec2, trainer_id) == "running"
 
 
-def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context):
+def test_parallel_promotions_keep_better_model(
+    gate, store, ec2, address, lambda_context
+):
     # GIVEN two runs both promoted against the same older model
-    serving(store, ec2, accuracy=0.955)
+    serving(store, ec2, accuracy=0.955, allocation_id=address)
     better, worse = "20261204T150000Z-aaaaaaaa", "20261204T150001Z-bbbbbbbb"
     training_run(store, ec2, run_id=better, accuracy=0.99)
     training_run(store, ec2, run_id=worse, accuracy=0.96)
@@ -335,6 +408,7 @@ def test_parallel_promotions_keep_better_model(gate, store, ec2, lambda_context)
 
     # THEN the better model keeps serving and the worse server is gone
     assert store.get_serving().model_version == better
+    assert address_holder(ec2, address) == better_server
     assert store.get_run(worse).status == RunStatus.NOT_PROMOTED
     assert "was promoted while this server started" in store.get_run(worse).reason
     assert instance_state(ec2, worse_server) == "terminated"
@@ -353,7 +427,9 @@ def test_cutover_records_history(gate, store, ec2, lambda_context):
     assert entry.instance_id == server
 
 
-def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
+def test_rollback_serves_earlier_model_safely(
+    gate, store, ec2, address, lambda_context
+):
     # GIVEN a better old model replaced by a newer one within the tolerance
     from mnist_pipeline.records import RollbackRequest
 
@@ -366,7 +442,7 @@ def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
     gate.lambda_handler(meta_event(new_run), lambda_context)
     new_server = store.get_run(new_run).server_instance_id
     gate.lambda_handler(ready(store, ec2, new_server, new_run), lambda_context)
-    assert instance_state(ec2, old_server) == "terminated"
+    assert address_holder(ec2, address) == new_server
 
     # WHEN a user asks for the old version back
     request = RollbackRequest(model_version=old_run, requested_at=utc_now())
@@ -378,11 +454,13 @@ def test_rollback_serves_earlier_model_safely(gate, store, ec2, lambda_context):
     rollback_server = store.get_run(old_run).server_instance_id
     # The current server keeps serving until the rollback server is ready.
     assert store.get_serving().model_version == new_run
+    assert address_holder(ec2, address) == new_server
     gate.lambda_handler(ready(store, ec2, rollback_server, old_run), lambda_context)
 
     # THEN the old version serves from a new server and history shows all three
     assert store.get_serving().model_version == old_run
-    assert instance_state(ec2, new_server) == "terminated"
+    assert store.get_serving().previous_instance_id == new_server
+    assert address_holder(ec2, address) == rollback_server
     assert instance_state(ec2, rollback_server) == "running"
     assert store.get_run(old_run).rollback_requested_at is None
     versions = [entry.model_version for entry in store.list_serving_history()]

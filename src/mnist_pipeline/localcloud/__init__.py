@@ -12,6 +12,9 @@ templates and S3 event wiring that template.yaml declares, then runs:
   the API into a local process running the trainer or server entrypoint;
 * `dispatcher.Scheduler`, which invokes scheduled functions (the reaper)
   every ``schedule_seconds``.
+* `address.ServingAddressProxy`, the stable serving address: a proxy on
+  one fixed port that forwards each new connection to the server that the
+  stack's Elastic IP is associated with.
 
 Every component talks to moto through the normal AWS SDK with
 ``AWS_ENDPOINT_URL`` set; nothing else differs from AWS.

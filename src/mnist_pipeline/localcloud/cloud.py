@@ -11,7 +11,9 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
+from mnist_pipeline import settings
 from mnist_pipeline.exceptions import PipelineError
+from mnist_pipeline.localcloud import address
 from mnist_pipeline.localcloud import template as cfn
 from mnist_pipeline.localcloud.dispatcher import (
     MAX_ATTEMPTS,
@@ -19,6 +21,7 @@ from mnist_pipeline.localcloud.dispatcher import (
     FunctionQueue,
     Scheduler,
 )
+from mnist_pipeline.localcloud.faults import FaultProxy
 from mnist_pipeline.localcloud.runner import InstanceRunner
 from mnist_pipeline.store import PipelineStore
 
@@ -28,6 +31,10 @@ REGION = "us-east-1"
 ACCOUNT_ID = "123456789012"  # moto's default account
 DEFAULT_PORT = 5000
 DEFAULT_STACK_NAME = "mnist-pipeline-local"
+# Availability Zones whose default subnets the stack gets as SubnetIds.
+LOCAL_ZONES = 2
+# Template parameter that the local cloud sets to ``server_grace_seconds``.
+SERVER_GRACE_PARAMETER = "ServerGraceSeconds"
 
 
 class LocalCloudError(PipelineError):
@@ -50,6 +57,21 @@ class LocalCloud:
     schedule_seconds
         Seconds between runs of the scheduled functions (the reaper). Far
         shorter than the template's schedule, so their effect shows quickly.
+    serving_port
+        Port on 127.0.0.1 of the stable serving address, the local stand-in
+        for the stack's Elastic IP; 0 picks a free port.
+    server_grace_seconds
+        Seconds a replaced server keeps running after a cutover, in place of
+        the template's ``ServerGraceSeconds`` unless ``parameter_overrides``
+        sets it. Short for the same reason as ``schedule_seconds``.
+    inject_faults
+        Send the functions' and instances' EC2 requests through a
+        `faults.FaultProxy`, whose ``rules`` fail chosen RunInstances
+        requests; for tests.
+
+    Unless ``parameter_overrides`` sets them, ``VpcId`` and ``SubnetIds``
+    name moto's default VPC and its subnets in the first ``LOCAL_ZONES``
+    Availability Zones, as a deployment across zones would.
     """
 
     def __init__(
@@ -60,6 +82,9 @@ class LocalCloud:
         parameter_overrides: dict[str, str] | None = None,
         stack_name: str = DEFAULT_STACK_NAME,
         schedule_seconds: float = 30,
+        serving_port: int = 0,
+        server_grace_seconds: int = 10,
+        inject_faults: bool = False,
     ) -> None:
         self.project_dir = Path(project_dir).resolve()
         self.template_path = self.project_dir / "template.yaml"
@@ -70,9 +95,13 @@ class LocalCloud:
             )
         self.port = port
         self.state_dir = Path(state_dir).resolve()
-        self.parameter_overrides = parameter_overrides or {}
+        self.parameter_overrides = {
+            SERVER_GRACE_PARAMETER: str(server_grace_seconds),
+            **(parameter_overrides or {}),
+        }
         self.stack_name = stack_name
         self.schedule_seconds = schedule_seconds
+        self.serving_port = serving_port
         self.endpoint_url = f"http://127.0.0.1:{port}"
         self.environment = {
             "AWS_ENDPOINT_URL": self.endpoint_url,
@@ -85,7 +114,12 @@ class LocalCloud:
         self.dispatcher: EventDispatcher | None = None
         self.scheduler: Scheduler | None = None
         self.runner: InstanceRunner | None = None
+        self.serving_address: address.ServingAddressProxy | None = None
+        self._serving_listener: socket.socket | None = None
         self.bucket = ""
+        self.inject_faults = inject_faults
+        self.faults: FaultProxy | None = None
+        self.subnet_ids: list[str] = []
 
     def client(self, service: str) -> Any:
         return boto3.client(
@@ -100,6 +134,15 @@ class LocalCloud:
     def store(self) -> PipelineStore:
         return PipelineStore(self.client("s3"), self.bucket)
 
+    @property
+    def serving_url(self) -> str | None:
+        """The stable URL of the serving model, once the cloud has started."""
+        if self._serving_listener is None:
+            return None
+        host, port = self._serving_listener.getsockname()[:2]
+
+        return f"http://{host}:{port}"
+
     def start(self) -> "LocalCloud":
         """Start moto, create the stack's resources and start the workers."""
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -112,17 +155,30 @@ class LocalCloud:
                     f"Port {self.port} on 127.0.0.1 is in use ({exc.strerror}); pass "
                     "a free one with --port (make demo PORT=...)."
                 ) from exc
+        try:
+            self._serving_listener = address.listen(self.serving_port)
+        except OSError as exc:
+            raise LocalCloudError(
+                f"Port {self.serving_port} on 127.0.0.1 is in use ({exc.strerror}); "
+                "pass a free one with --serving-port."
+            ) from exc
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         with contextlib.redirect_stdout(io.StringIO()):
             self._server.start()  # moto prints a start banner to stdout
         logger.info("moto server listening on %s", self.endpoint_url)
+        if self.inject_faults:
+            self.faults = FaultProxy(self.endpoint_url).start()
+            self.environment["AWS_ENDPOINT_URL_EC2"] = self.faults.url
 
         template = cfn.load_template(self.template_path)
+        overrides = {**self._default_network(), **self.parameter_overrides}
+        self.subnet_ids = [s for s in overrides["SubnetIds"].split(",") if s]
         values = cfn.StackValues(
-            template, self.stack_name, REGION, ACCOUNT_ID, self.parameter_overrides
+            template, self.stack_name, REGION, ACCOUNT_ID, overrides
         )
         self._create_bucket(template, values)
         self._create_launch_templates(template, values)
+        allocation_id = self._create_serving_address(template, values)
         functions = self._wire_functions(template, values)
 
         self.dispatcher = EventDispatcher(self.client("sqs"), functions)
@@ -142,11 +198,22 @@ class LocalCloud:
             log_dir=self.state_dir / "logs",
         )
         self.runner.start()
+        self.serving_address = address.ServingAddressProxy(
+            self._serving_listener,
+            self.client("ec2"),
+            allocation_id,
+            self.runner.endpoint_of,
+        )
+        self.serving_address.start()
 
         return self
 
     def stop(self) -> None:
         """End every instance process, the workers and moto."""
+        if self.serving_address:
+            self.serving_address.stop()
+        elif self._serving_listener:
+            self._serving_listener.close()
         if self.scheduler:
             self.scheduler.stop()
         if self.runner:
@@ -155,6 +222,8 @@ class LocalCloud:
             self.dispatcher.stop()
         if self._server:
             self._server.stop()
+        if self.faults:
+            self.faults.stop()
         logger.info("Local cloud stopped")
 
     def __enter__(self) -> "LocalCloud":
@@ -201,6 +270,44 @@ class LocalCloud:
             values.set_resource(
                 logical_id, created["LaunchTemplate"]["LaunchTemplateId"]
             )
+
+    def _create_serving_address(
+        self, template: dict[str, Any], values: cfn.StackValues
+    ) -> str:
+        """Allocate the template's Elastic IP in moto; return its allocation id."""
+        addresses = [
+            logical_id
+            for logical_id, resource in template["Resources"].items()
+            if resource["Type"] == "AWS::EC2::EIP"
+        ]
+        if len(addresses) != 1:
+            raise LocalCloudError(
+                f"{self.template_path} declares {len(addresses)} AWS::EC2::EIP "
+                "resources; the local cloud serves exactly one."
+            )
+        allocated = self.client("ec2").allocate_address(Domain="vpc")
+        values.set_resource(
+            addresses[0], allocated["PublicIp"], AllocationId=allocated["AllocationId"]
+        )
+
+        return allocated["AllocationId"]
+
+    def _default_network(self) -> dict[str, str]:
+        """Return VpcId and SubnetIds for moto's default VPC."""
+        ec2 = self.client("ec2")
+        [vpc] = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])[
+            "Vpcs"
+        ]
+        subnets = ec2.describe_subnets(
+            Filters=[
+                {"Name": "vpc-id", "Values": [vpc["VpcId"]]},
+                {"Name": "default-for-az", "Values": ["true"]},
+            ]
+        )["Subnets"]
+        subnets.sort(key=lambda subnet: subnet["AvailabilityZone"])
+        subnet_ids = [subnet["SubnetId"] for subnet in subnets[:LOCAL_ZONES]]
+
+        return {"VpcId": vpc["VpcId"], "SubnetIds": ",".join(subnet_ids)}
 
     def _wire_functions(
         self, template: dict[str, Any], values: cfn.StackValues
@@ -261,6 +368,10 @@ class LocalCloud:
         environment = {
             name: values.resolve(value) for name, value in spec.environment.items()
         }
+        if settings.SERVING_URL in environment:
+            # The template builds the URL from the Elastic IP's public
+            # address, which moto makes up; locally it is the proxy's.
+            environment[settings.SERVING_URL] = self.serving_url
         environment.update(self.environment)
         environment.update(
             {

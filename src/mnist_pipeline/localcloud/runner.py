@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mnist_pipeline import instances, settings
 
@@ -32,7 +33,9 @@ ENTRYPOINTS = {
     instances.SERVER_ROLE: "mnist_server",
 }
 POLL_SECONDS = 0.5
-STOP_GRACE_SECONDS = 10
+# Like `docker run --stop-timeout` in the launch templates: time for the
+# trainer to save a checkpoint after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 30
 
 
 def free_port() -> int:
@@ -91,6 +94,16 @@ class InstanceRunner:
                 for instance in self.instances.values()
                 if instance.process.poll() is None and role in (None, instance.role)
             ]
+
+    def endpoint_of(self, instance_id: str) -> tuple[str, int] | None:
+        """Return the host and port of a running server process, or None."""
+        with self._lock:
+            local = self.instances.get(instance_id)
+        if local is None or local.url is None or local.process.poll() is not None:
+            return None
+        parts = urlsplit(local.url)
+
+        return parts.hostname or "127.0.0.1", parts.port or 80
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -151,6 +164,9 @@ class InstanceRunner:
             **self.environment,
             settings.BUCKET_NAME: self.bucket,
             settings.INSTANCE_ID: instance_id,
+            # No instance metadata service here: the trainer's spot notice
+            # polling stays off, and stops arrive as SIGTERM.
+            "AWS_EC2_METADATA_DISABLED": "true",
         }
         for tag, variable in instances.TAG_ENVIRONMENT.items():
             if tag in tags:
