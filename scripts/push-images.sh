@@ -15,12 +15,15 @@ tag="${2:-latest}"
 region="${AWS_REGION:-$(aws configure get region)}"
 account="$(aws sts get-caller-identity --query Account --output text)"
 registry="${account}.dkr.ecr.${region}.amazonaws.com"
+# Recorded in every train_meta.json; "-dirty" marks uncommitted changes.
+code_version="$(git describe --always --dirty 2>/dev/null || echo unknown)"
 
 aws ecr get-login-password --region "$region" \
     | docker login --username AWS --password-stdin "$registry"
 
 for role in trainer server; do
     image="${registry}/${environment}-mnist-${role}:${tag}"
-    docker build --file "containers/${role}/Dockerfile" --tag "$image" .
+    docker build --file "containers/${role}/Dockerfile" \
+        --build-arg CODE_VERSION="$code_version" --tag "$image" .
     docker push "$image"
 done

@@ -136,7 +136,7 @@ def start_test_instance(ec2, role: str, run_id: str = "none") -> str:
         role,
         "test-stack",
         {instances.RUN_ID_TAG: run_id},
-        f"{role}-{run_id}",
+        f"{role}-{run_id}-{next(_TEMPLATE_NUMBERS)}",
     )
 
 
@@ -191,7 +191,11 @@ def trained(small_mnist: Dataset, tmp_path_factory: pytest.TempPathFactory) -> d
     from mnist_trainer.export import export_tflite, select_smoke_digits
     from mnist_trainer.model import train_and_evaluate
 
-    result = train_and_evaluate(small_mnist, epochs=2, verbose=0)
+    from mnist_pipeline.hyperparameters import resolve
+
+    # 2,700 training digits: small batches give the optimizer enough steps.
+    chosen = dataclasses.replace(resolve("default", 2), batch_size=32)
+    result = train_and_evaluate(small_mnist, chosen)
     tflite, _ = export_tflite(result.model, small_mnist.x_test)
     images, labels = select_smoke_digits(
         result.model, small_mnist.x_test, small_mnist.y_test

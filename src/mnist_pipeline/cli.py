@@ -19,10 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline import keys
+from mnist_pipeline import hyperparameters, keys
 from mnist_pipeline.dataset import Dataset, check_dataset, save_dataset
 from mnist_pipeline.exceptions import PipelineError
-from mnist_pipeline.records import RollbackRequest, RunRecord, RunStatus, utc_now
+from mnist_pipeline.records import (
+    RollbackRequest,
+    RunRecord,
+    RunStatus,
+    TrainingProgress,
+    TrainMeta,
+    utc_now,
+)
 from mnist_pipeline.store import PipelineStore
 
 BUCKET_ENV = "MNIST_PIPELINE_BUCKET"
@@ -70,12 +77,17 @@ def _transfer_config() -> Any:
 
 
 def upload_dataset(
-    store: PipelineStore, dataset: Dataset, name: str, progress: bool = True
+    store: PipelineStore,
+    dataset: Dataset,
+    name: str,
+    progress: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Package a dataset, check it as the launcher will, and upload it.
 
-    Returns the object's key and ETag. One call is one S3 event and so one
-    training run.
+    ``metadata`` holds the run's ``train-*`` hyperparameters (see
+    `mnist_pipeline.hyperparameters`). Returns the object's key and ETag.
+    One call is one S3 event and so one training run.
     """
     from tqdm import tqdm
 
@@ -100,7 +112,12 @@ def upload_dataset(
         total=size, unit="B", unit_scale=True, disable=not progress, desc="upload"
     ) as bar:
         store.s3.upload_fileobj(
-            body, store.bucket, key, Callback=bar.update, Config=_transfer_config()
+            body,
+            store.bucket,
+            key,
+            ExtraArgs={"Metadata": metadata or {}},
+            Callback=bar.update,
+            Config=_transfer_config(),
         )
     etag = store.s3.head_object(Bucket=store.bucket, Key=key)["ETag"].strip('"')
 
@@ -197,8 +214,10 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         port=args.port,
         state_dir=args.state_dir,
         parameter_overrides=_overrides(args),
+        serving_port=args.serving_port,
     )
     with cloud:
+        print(f"Serving address: {cloud.serving_url} (follows each new model).")
         print("Local cloud running. In another shell:")
         for line in cloud.export_lines():
             print(f"  {line}")
@@ -220,7 +239,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
     name = args.name or datetime.datetime.now(datetime.UTC).strftime(
         "mnist-%Y%m%dT%H%M%SZ"
     )
-    key, etag = upload_dataset(store, dataset, name, progress=not args.quiet)
+    metadata = _training_metadata(args)
+    key, etag = upload_dataset(
+        store, dataset, name, progress=not args.quiet, metadata=metadata
+    )
     print(f"Uploaded s3://{store.bucket}/{key} (ETag {etag}).")
     print("The launcher starts a training run for it; follow it with")
     print("`mnist-pipeline status`.")
@@ -232,17 +254,102 @@ def _format_accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _training_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """Turn the upload's training options into checked ``train-*`` metadata."""
+    options = {
+        "recipe": args.recipe,
+        "epochs": args.epochs,
+        "batch-size": args.batch_size,
+        "learning-rate": args.learning_rate,
+        "seed": args.seed,
+    }
+    metadata = {
+        f"{hyperparameters.METADATA_PREFIX}{key}": str(value)
+        for key, value in options.items()
+        if value is not None
+    }
+    try:
+        hyperparameters.from_metadata(metadata, hyperparameters.resolve())
+    except hyperparameters.InvalidRunRequestError as exc:
+        raise CommandError(str(exc)) from exc
+
+    return metadata
+
+
+def print_run(
+    store: PipelineStore,
+    record: RunRecord,
+    meta: TrainMeta | None,
+    progress: TrainingProgress | None,
+) -> None:
+    """Print one run for people: status, training, scores and report files."""
+    print(f"Run {record.run_id}: {record.status}")
+    if record.reason:
+        print(f"  reason: {record.reason}")
+    print(f"  data: s3://{store.bucket}/{record.data_key} (ETag {record.data_etag})")
+    for warning in record.warnings or []:
+        print(f"  warning: {warning}")
+    if record.hyperparameters:
+        chosen = ", ".join(f"{k}={v}" for k, v in record.hyperparameters.items())
+        print(f"  hyperparameters: {chosen}")
+    if record.trainer_instance_id:
+        print(
+            f"  trainer: {record.trainer_instance_id} "
+            f"(attempt {record.trainer_attempts})"
+        )
+    if progress is not None:
+        line = (
+            f"  progress: {progress.state}, epoch {progress.epoch}/{progress.epochs}, "
+            f"batch {progress.batch}/{progress.batches}"
+        )
+        if progress.accuracy is not None:
+            line += f", accuracy {progress.accuracy:.4f}"
+        if progress.val_accuracy is not None:
+            line += f", validation {progress.val_accuracy:.4f}"
+        if progress.eta_s is not None and progress.state == "training":
+            line += f", about {progress.eta_s:.0f} s left"
+        print(f"{line} (at {progress.updated_at})")
+        if progress.resumed_from_epoch is not None:
+            print(f"  resumed after epoch {progress.resumed_from_epoch}")
+    if meta is None:
+        return
+
+    print(f"  training: {meta.status}" + (f": {meta.error}" if meta.error else ""))
+    if meta.test_accuracy is not None:
+        print(
+            f"  test accuracy {meta.test_accuracy:.4f}, loss {meta.test_loss:.4f}; "
+            f"validation accuracy {_format_accuracy(meta.val_accuracy)}; "
+            f"{meta.epochs_run} epochs"
+        )
+    if meta.per_class_accuracy:
+        per_digit = "  ".join(
+            f"{digit}:{_format_accuracy(value)}"
+            for digit, value in enumerate(meta.per_class_accuracy)
+        )
+        print(f"  per digit: {per_digit}")
+    if meta.timings:
+        print("  seconds: " + ", ".join(f"{k} {v}" for k, v in meta.timings.items()))
+    if meta.code_version:
+        print(f"  code version: {meta.code_version}")
+    for name, key in (meta.artifacts or {}).items():
+        print(f"  {name}: s3://{store.bucket}/{key}")
+    if record.decision:
+        print(f"  decision: {record.decision}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.run_id:
         record = store.get_run(args.run_id)
         if record is None:
             raise CommandError(f"Run {args.run_id} not found in bucket {store.bucket}.")
-        print(record.to_json().decode())
         meta = store.get_train_meta(args.run_id)
-        if meta is not None:
-            print(f"s3://{store.bucket}/{keys.train_meta(args.run_id)}:")
-            print(meta.to_json().decode())
+        if args.json:
+            print(record.to_json().decode())
+            if meta is not None:
+                print(meta.to_json().decode())
+        else:
+            print_run(store, record, meta, store.get_progress(args.run_id))
         return 0
 
     records = store.list_runs()
@@ -262,7 +369,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(
             f"Serving: model {serving.model_version} (test accuracy "
-            f"{serving.test_accuracy:.4f}) at {serving.url} since {serving.since}"
+            f"{serving.test_accuracy:.4f}) at {serving.url} since {serving.since}, "
+            f"on instance {serving.instance_id}"
         )
 
     return 0
@@ -384,6 +492,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         port=args.port,
         state_dir=args.state_dir,
         parameter_overrides=_overrides(args),
+        serving_port=args.serving_port,
     ) as cloud:
         store = cloud.store
         key, etag = upload_dataset(store, dataset, "demo", progress=not args.quiet)
@@ -468,6 +577,13 @@ def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
         help="port of the local AWS endpoint on 127.0.0.1 (default: 5000)",
     )
     parser.add_argument(
+        "--serving-port",
+        type=int,
+        default=8000,
+        help="port of the stable serving address on 127.0.0.1, which follows "
+        "each new model as the stack's Elastic IP does (default: 8000)",
+    )
+    parser.add_argument(
         "--state-dir",
         default=".localcloud",
         help="directory for logs (default: .localcloud)",
@@ -503,17 +619,33 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--name", help="object name under data/ (default: mnist-<time>)"
     )
+    training = upload.add_argument_group(
+        "training", "hyperparameters of this run (default: the stack's recipe)"
+    )
+    training.add_argument(
+        "--recipe", help=f"one of {', '.join(hyperparameters.RECIPE_NAMES)}"
+    )
+    training.add_argument("--epochs", type=int, help="epochs to train")
+    training.add_argument("--batch-size", type=int, help="images per batch")
+    training.add_argument("--learning-rate", type=float, help="peak learning rate")
+    training.add_argument("--seed", type=int, help="random seed")
     _add_aws_options(upload)
     upload.set_defaults(handler=cmd_upload)
 
     status = commands.add_parser("status", help="show runs and the serving model")
     status.add_argument("run_id", nargs="?", help="show one run in full")
+    status.add_argument(
+        "--json", action="store_true", help="with RUN: print the stored documents"
+    )
     _add_aws_options(status)
     status.set_defaults(handler=cmd_status)
 
     predict = commands.add_parser("predict", help="classify images with the server")
     predict.add_argument("images", nargs="+", help="PNG or JPEG files")
-    predict.add_argument("--url", help="server URL (default: the serving model's)")
+    predict.add_argument(
+        "--url",
+        help="server URL (default: the serving address in serving/current.json)",
+    )
     _add_aws_options(predict)
     predict.set_defaults(handler=cmd_predict)
 

@@ -8,6 +8,11 @@
     models/<run_id>/model.keras           trained Keras model
     models/<run_id>/model.tflite          model for the server's runtime
     models/<run_id>/smoke.npz             known test digits for smoke checks
+    models/<run_id>/progress.json         the trainer's heartbeat
+    models/<run_id>/checkpoint.keras      latest epoch's model and optimizer
+    models/<run_id>/checkpoint.json       what the checkpoint holds
+    models/<run_id>/report/*.png          learning curves, confusion matrix,
+                                          worst misclassified test digits
     models/<run_id>/train_meta.json       written last (gate trigger)
     serving/current.json                  the model version users get
     serving/history/<time>-<version>.json each version that served, from when
@@ -67,6 +72,22 @@ def tflite_model(run_id: str) -> str:
 
 def smoke_digits(run_id: str) -> str:
     return f"{model_prefix(run_id)}smoke.npz"
+
+
+def progress(run_id: str) -> str:
+    return f"{model_prefix(run_id)}progress.json"
+
+
+def checkpoint_model(run_id: str) -> str:
+    return f"{model_prefix(run_id)}checkpoint.keras"
+
+
+def checkpoint_state(run_id: str) -> str:
+    return f"{model_prefix(run_id)}checkpoint.json"
+
+
+def report(run_id: str, name: str) -> str:
+    return f"{model_prefix(run_id)}report/{name}"
 
 
 def train_meta(run_id: str) -> str:

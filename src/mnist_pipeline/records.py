@@ -123,12 +123,13 @@ class RunRecord(_Document):
     created_at: str
     updated_at: str
     data_size: int | None = None
-    training_epochs: int | None = None
+    hyperparameters: dict | None = None  # `Hyperparameters.to_dict()`
     reason: str | None = None
     warnings: list | None = None  # dataset problems that did not block the run
     train_size: int | None = None
     test_size: int | None = None
     trainer_instance_id: str | None = None
+    trainer_started_at: str | None = None  # of the latest trainer instance
     test_accuracy: float | None = None
     serving_version: str | None = None
     serving_test_accuracy: float | None = None
@@ -138,6 +139,8 @@ class RunRecord(_Document):
     # Set while a user-requested rollback to this run's model is under way;
     # such a cutover skips the accuracy rule.
     rollback_requested_at: str | None = None
+    # Trainer instances started for this run; above 1 after a resume.
+    trainer_attempts: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def update(self, **changes: Any) -> None:
@@ -169,18 +172,65 @@ class TrainMeta(_Document):
     test_accuracy: float | None = None
     test_loss: float | None = None
     val_accuracy: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    seed: int | None = None
+    hyperparameters: dict | None = None  # `Hyperparameters.to_dict()`
+    epochs_run: int | None = None  # fewer than asked when the target stopped it
+    resumed_from_epoch: int | None = None  # set when a checkpoint was resumed
     history: dict | None = None  # per-epoch lists keyed by Keras metric name
+    per_class_accuracy: list | None = None  # test accuracy of digits 0-9
     timings: dict | None = None  # seconds per stage
     versions: dict | None = None  # library name to version
+    code_version: str | None = None
     artifacts: dict | None = None  # artifact kind to S3 key
     schema_version: int = SCHEMA_VERSION
 
     @property
     def succeeded(self) -> bool:
         return self.status == "succeeded"
+
+
+class TrainingState(enum.StrEnum):
+    TRAINING = "training"
+    INTERRUPTED = "interrupted"  # saved a checkpoint and exited; resumable
+    FINISHED = "finished"  # train_meta.json follows
+
+
+@dataclasses.dataclass
+class TrainingProgress(_Document):
+    """A trainer's heartbeat, at ``models/<run_id>/progress.json``.
+
+    Rewritten at least once per epoch and every few seconds within one.
+    """
+
+    run_id: str
+    instance_id: str
+    state: TrainingState
+    epoch: int  # the epoch under way, from 1
+    epochs: int
+    batch: int  # batches done in this epoch
+    batches: int  # batches per epoch
+    updated_at: str
+    accuracy: float | None = None  # train accuracy so far in this epoch
+    val_accuracy: float | None = None  # after the last finished epoch
+    eta_s: float | None = None  # seconds until the last epoch ends
+    resumed_from_epoch: int | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclasses.dataclass
+class TrainingCheckpoint(_Document):
+    """What ``models/<run_id>/checkpoint.keras`` holds, written after it.
+
+    ``epochs_done`` counts finished epochs. A checkpoint saved on an
+    interruption holds the weights and optimizer state from within the next
+    epoch; a resumed run starts that epoch again with them.
+    """
+
+    run_id: str
+    epochs_done: int
+    history: dict  # per-epoch lists keyed by Keras metric name
+    saved_at: str
+    instance_id: str
+    schema_version: int = SCHEMA_VERSION
 
 
 @dataclasses.dataclass

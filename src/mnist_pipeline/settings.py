@@ -11,18 +11,21 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from mnist_pipeline import __version__, hyperparameters
 from mnist_pipeline.exceptions import SettingsError
 
 BUCKET_NAME = "BUCKET_NAME"
 TRAINER_LAUNCH_TEMPLATE_ID = "TRAINER_LAUNCH_TEMPLATE_ID"
 SERVER_LAUNCH_TEMPLATE_ID = "SERVER_LAUNCH_TEMPLATE_ID"
 STACK_NAME = "STACK_NAME"
+TRAINING_RECIPE = "TRAINING_RECIPE"
 TRAINING_EPOCHS = "TRAINING_EPOCHS"
 ACCURACY_THRESHOLD = "ACCURACY_THRESHOLD"
 ACCURACY_TOLERANCE = "ACCURACY_TOLERANCE"
 RUN_ID = "RUN_ID"
 MODEL_VERSION = "MODEL_VERSION"
 INSTANCE_ID = "INSTANCE_ID"
+CODE_VERSION = "CODE_VERSION"
 ADVERTISED_URL = "ADVERTISED_URL"
 HOST = "HOST"
 PORT = "PORT"
@@ -30,6 +33,13 @@ MAX_UPLOAD_BYTES = "MAX_UPLOAD_BYTES"
 MAX_BATCH_FILES = "MAX_BATCH_FILES"
 MAX_TRAINING_MINUTES = "MAX_TRAINING_MINUTES"
 SERVER_START_MINUTES = "SERVER_START_MINUTES"
+HEARTBEAT_MINUTES = "HEARTBEAT_MINUTES"
+MAX_TRAINER_ATTEMPTS = "MAX_TRAINER_ATTEMPTS"
+SUBNET_IDS = "SUBNET_IDS"
+USE_SPOT = "USE_SPOT"
+SERVER_GRACE_SECONDS = "SERVER_GRACE_SECONDS"
+SERVING_ALLOCATION_ID = "SERVING_ALLOCATION_ID"
+SERVING_URL = "SERVING_URL"
 
 T = TypeVar("T")
 
@@ -74,12 +84,56 @@ def _positive(environ: Mapping[str, str], name: str, default: int, unit: str) ->
     )
 
 
+def _subnet_ids(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Read SUBNET_IDS: comma-separated subnet ids, in the order to try them.
+
+    Empty means no subnet is named and EC2 picks one in the default VPC.
+    """
+    raw = environ.get(SUBNET_IDS, "")
+    subnet_ids = tuple(part.strip() for part in raw.split(",") if part.strip())
+    invalid = [value for value in subnet_ids if not value.startswith("subnet-")]
+    if invalid:
+        raise SettingsError(
+            f"Environment variable {SUBNET_IDS}={raw!r} is invalid: {invalid[0]!r} "
+            "is not a subnet id; expected ids like subnet-0123abcd separated by "
+            "commas (the SubnetIds template parameter)."
+        )
+    if len(set(subnet_ids)) != len(subnet_ids):
+        raise SettingsError(
+            f"Environment variable {SUBNET_IDS}={raw!r} is invalid: it names a "
+            "subnet twice; list each subnet once."
+        )
+
+    return subnet_ids
+
+
+def _parse_boolean(raw: str) -> bool:
+    if raw.lower() not in ("true", "false"):
+        raise ValueError(raw)
+
+    return raw.lower() == "true"
+
+
+def _boolean(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    return _read(environ, name, _parse_boolean, default, expected="true or false")
+
+
 @dataclasses.dataclass(frozen=True)
 class LauncherSettings:
     bucket: str
     trainer_launch_template_id: str
     stack_name: str
-    training_epochs: int
+    training_recipe: str = hyperparameters.DEFAULT_RECIPE
+    training_epochs: int = 0  # 0: the recipe's number of epochs
+    # Subnets to try in order when one has no capacity; empty lets EC2 pick.
+    subnet_ids: tuple[str, ...] = ()
+    # Start trainers as Spot Instances first, then On-Demand.
+    use_spot: bool = False
+
+    @property
+    def hyperparameters(self) -> hyperparameters.Hyperparameters:
+        """The stack's hyperparameters, before a run's own metadata."""
+        return hyperparameters.resolve(self.training_recipe, self.training_epochs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "LauncherSettings":
@@ -87,14 +141,24 @@ class LauncherSettings:
             bucket=_read(environ, BUCKET_NAME, str),
             trainer_launch_template_id=_read(environ, TRAINER_LAUNCH_TEMPLATE_ID, str),
             stack_name=_read(environ, STACK_NAME, str),
+            training_recipe=_read(
+                environ,
+                TRAINING_RECIPE,
+                str,
+                hyperparameters.DEFAULT_RECIPE,
+                lambda v: v in hyperparameters.RECIPE_NAMES,
+                f"one of {', '.join(hyperparameters.RECIPE_NAMES)}",
+            ),
             training_epochs=_read(
                 environ,
                 TRAINING_EPOCHS,
                 int,
-                5,
-                lambda v: 1 <= v <= 200,
-                "an integer from 1 to 200",
+                0,
+                lambda v: 0 <= v <= 200,
+                "an integer from 0 (the recipe's) to 200",
             ),
+            subnet_ids=_subnet_ids(environ),
+            use_spot=_boolean(environ, USE_SPOT, False),
         )
 
 
@@ -105,15 +169,33 @@ class GateSettings:
     stack_name: str
     accuracy_threshold: float
     accuracy_tolerance: float
+    # The Elastic IP that users reach the serving model at, and its URL.
+    # Without them the gate only moves serving/current.json.
+    serving_allocation_id: str | None = None
+    serving_url: str | None = None
+    # Subnets to try in order when one has no capacity; empty lets EC2 pick.
+    subnet_ids: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "GateSettings":
+        allocation_id = _read(environ, SERVING_ALLOCATION_ID, str, "")
+        serving_url = _read(
+            environ,
+            SERVING_URL,
+            str,
+            "",
+            lambda v: v.startswith(("http://", "https://")),
+            "an http:// or https:// URL",
+        )
         return cls(
             bucket=_read(environ, BUCKET_NAME, str),
             server_launch_template_id=_read(environ, SERVER_LAUNCH_TEMPLATE_ID, str),
             stack_name=_read(environ, STACK_NAME, str),
             accuracy_threshold=_fraction(environ, ACCURACY_THRESHOLD, 0.95),
             accuracy_tolerance=_fraction(environ, ACCURACY_TOLERANCE, 0.005),
+            serving_allocation_id=allocation_id or None,
+            serving_url=serving_url.rstrip("/") or None,
+            subnet_ids=_subnet_ids(environ),
         )
 
 
@@ -122,6 +204,9 @@ class TrainerSettings:
     bucket: str
     run_id: str
     instance_id: str
+    # The commit the image was built from (a build argument of the trainer's
+    # Dockerfile); the package version when unknown.
+    code_version: str = __version__
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "TrainerSettings":
@@ -129,6 +214,7 @@ class TrainerSettings:
             bucket=_read(environ, BUCKET_NAME, str),
             run_id=_read(environ, RUN_ID, str),
             instance_id=_read(environ, INSTANCE_ID, str, "unknown"),
+            code_version=_read(environ, CODE_VERSION, str, __version__),
         )
 
 
@@ -170,6 +256,17 @@ class ReaperSettings:
     bucket: str
     max_training_minutes: int
     server_start_minutes: int
+    stack_name: str
+    # How long a replaced server keeps running after the cutover.
+    server_grace_seconds: int = 300
+    # A running trainer silent for longer is hung: terminated, run failed.
+    heartbeat_minutes: int = 15
+    # An ended trainer that left a checkpoint is restarted, up to this many
+    # instances per run in all. Without a launch template nothing restarts.
+    max_trainer_attempts: int = 3
+    trainer_launch_template_id: str = ""
+    subnet_ids: tuple[str, ...] = ()
+    use_spot: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "ReaperSettings":
@@ -181,4 +278,22 @@ class ReaperSettings:
             server_start_minutes=_positive(
                 environ, SERVER_START_MINUTES, 15, "minutes"
             ),
+            stack_name=_read(environ, STACK_NAME, str),
+            server_grace_seconds=_read(
+                environ,
+                SERVER_GRACE_SECONDS,
+                int,
+                300,
+                lambda v: v >= 0,
+                "a whole number of seconds, 0 or more",
+            ),
+            heartbeat_minutes=_positive(environ, HEARTBEAT_MINUTES, 15, "minutes"),
+            max_trainer_attempts=_positive(
+                environ, MAX_TRAINER_ATTEMPTS, 3, "instances"
+            ),
+            trainer_launch_template_id=_read(
+                environ, TRAINER_LAUNCH_TEMPLATE_ID, str, ""
+            ),
+            subnet_ids=_subnet_ids(environ),
+            use_spot=_boolean(environ, USE_SPOT, False),
         )

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mnist_pipeline import instances
 from mnist_pipeline.cli import upload_dataset, wait_for_run
+from mnist_pipeline.dataset import Dataset
 from mnist_pipeline.localcloud import LocalCloud
 from mnist_pipeline.localcloud.runner import free_port
 from mnist_pipeline.records import RunStatus
@@ -277,3 +278,50 @@ def test_rollback_serves_previous_model(cloud, monkeypatch, capsys):
     assert history[-2:] == [current.model_version, current.previous_version]
     assert cli.main(["history"]) == 0
     assert current.previous_version in capsys.readouterr().out
+
+
+def test_stopped_trainer_resumes_from_its_checkpoint(cloud, mnist):
+    from mnist_pipeline.cli import find_run
+    from mnist_pipeline.records import TrainingState
+
+    store = cloud.store
+    ec2 = cloud.client("ec2")
+    subset = Dataset(mnist.x_train[:12000], mnist.y_train[:12000], *mnist[2:])
+    # Three short epochs of the fast recipe, without its early stop.
+    request = {
+        "train-recipe": "fast",
+        "train-epochs": "3",
+        "train-target-accuracy": "none",
+    }
+    key, etag = upload_dataset(store, subset, "resumed", False, request)
+
+    def checkpointed():
+        run = find_run(store, key, etag)
+        return run is not None and store.get_checkpoint(run.run_id) is not None
+
+    # GIVEN a trainer that finished its first epoch
+    assert wait_until(checkpointed, timeout=RUN_TIMEOUT_SECONDS)
+    run = find_run(store, key, etag)
+    first_trainer = run.trainer_instance_id
+
+    # WHEN its instance is stopped mid-run, as a spot interruption would
+    ec2.stop_instances(InstanceIds=[first_trainer])
+
+    # THEN it saves, the reaper starts a new trainer, and that one resumes
+    final = wait_for_run(store, key, etag, timeout=RUN_TIMEOUT_SECONDS)
+    assert final.status in (RunStatus.PROMOTED, RunStatus.NOT_PROMOTED), final.reason
+    assert final.trainer_attempts == 2
+    assert final.trainer_instance_id != first_trainer
+    meta = store.get_train_meta(run.run_id)
+    assert meta.succeeded, meta.error
+    assert meta.resumed_from_epoch >= 1
+    assert meta.epochs_run == 3
+    assert len(meta.history["val_accuracy"]) == 3
+    assert meta.test_accuracy >= 0.95
+    assert meta.instance_id == final.trainer_instance_id
+    assert store.get_progress(run.run_id).state == TrainingState.FINISHED
+    # AND no trainer instance or process is left
+    assert wait_until(
+        lambda: instance_states(cloud)[first_trainer] == "terminated", timeout=60
+    )
+    assert wait_until(lambda: cloud.runner.running(instances.TRAINER_ROLE) == [])

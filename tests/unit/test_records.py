@@ -23,7 +23,7 @@ def record(**changes):
 
 
 def test_run_record_round_trip():
-    original = record(test_accuracy=0.99, training_epochs=3)
+    original = record(test_accuracy=0.99, hyperparameters={"epochs": 3})
 
     assert RunRecord.from_json(original.to_json()) == original
 
