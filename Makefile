@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine:
 #   make demo   install, then run the whole loop on the local cloud
-#               (DATA=dir of MNIST IDX files, PORT=local AWS endpoint port)
+#               (DATA=dir of MNIST IDX files, PORT=local AWS endpoint port,
+#               SERVING_PORT=the stable serving address's port)
 #   make test   install, then run every check CI runs
 # Both create .venv from constraints.txt; `make test` also creates .venv-sam
 # for the AWS SAM CLI and .venv-checkov for checkov.
@@ -12,7 +13,8 @@ CHECKOV_VENV := .venv-checkov
 BIN := $(VENV)/bin
 DATA ?=
 PORT ?= 5000
-DEMO_ARGS := --port $(PORT) $(if $(DATA),--data $(DATA),)
+SERVING_PORT ?= 8000
+DEMO_ARGS := --port $(PORT) --serving-port $(SERVING_PORT) $(if $(DATA),--data $(DATA),)
 
 export SAM_CLI_TELEMETRY = 0
 

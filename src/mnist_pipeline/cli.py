@@ -269,7 +269,7 @@ def _training_metadata(args: argparse.Namespace) -> dict[str, str]:
         if value is not None
     }
     try:
-        hyperparameters.from_metadata(metadata, hyperparameters.resolve())
+        hyperparameters.from_metadata(metadata, hyperparameters.resolve(), "--")
     except hyperparameters.InvalidRunRequestError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -361,7 +361,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{record.decision or '-':9} {record.reason or ''}"
         )
     if not records:
-        print("(no runs yet: upload a dataset with `mnist-pipeline upload`)")
+        print(
+            "(no runs yet: upload a dataset with `mnist-pipeline upload`; a new "
+            "upload shows here once the launcher has checked it, within seconds)"
+        )
 
     serving = store.get_serving()
     if serving is None:

@@ -347,12 +347,14 @@ def _check_members(archive: zipfile.ZipFile) -> DatasetSummary:
             )
 
     if x_train[0] < MIN_TRAIN_SIZE:
-        raise _invalid(
-            f"The train split has {x_train[0]} images, fewer than {MIN_TRAIN_SIZE}"
+        raise InvalidDatasetError(
+            f"The train split has {x_train[0]} images, fewer than "
+            f"{MIN_TRAIN_SIZE}. Upload a dataset with more training digits."
         )
     if x_test[0] < MIN_TEST_SIZE:
-        raise _invalid(
-            f"The test split has {x_test[0]} images, fewer than {MIN_TEST_SIZE}"
+        raise InvalidDatasetError(
+            f"The test split has {x_test[0]} images, fewer than "
+            f"{MIN_TEST_SIZE}. Upload a dataset with more test digits."
         )
 
     train_digests = _read_image_digests(archive, "x_train")

@@ -146,20 +146,23 @@ def resolve(recipe: str = DEFAULT_RECIPE, epochs: int | None = None) -> Hyperpar
 
 
 def from_metadata(
-    metadata: Mapping[str, str], base: Hyperparameters
+    metadata: Mapping[str, str],
+    base: Hyperparameters,
+    prefix: str = METADATA_PREFIX,
 ) -> Hyperparameters:
     """Apply a dataset's ``train-*`` object metadata to ``base``.
 
     S3 returns user metadata keys in lower case without ``x-amz-meta-``.
     Keys without the ``train-`` prefix belong to other tools and are
     ignored. ``train-recipe`` switches to that recipe's numbers first; the
-    other keys then override single values.
+    other keys then override single values. Error messages name each key
+    with ``prefix`` in place of ``train-``, so the CLI can name its options.
 
     Raises
     ------
     InvalidRunRequestError
-        For an unknown ``train-*`` key or a value out of range, naming the
-        key, the value and what is allowed.
+        For unknown ``train-*`` keys or values out of range, naming every
+        such key, its value and what is allowed.
     """
     request = {
         key[len(METADATA_PREFIX) :]: value.strip()
@@ -168,26 +171,38 @@ def from_metadata(
     }
     unknown = sorted(set(request) - set(METADATA_KEYS))
     if unknown:
-        given = ", ".join(METADATA_PREFIX + key for key in unknown)
-        allowed = ", ".join(METADATA_PREFIX + key for key in METADATA_KEYS)
+        given = ", ".join(prefix + key for key in unknown)
+        allowed = ", ".join(prefix + key for key in METADATA_KEYS)
         raise InvalidRunRequestError(
             f"Unknown training metadata {given}; allowed keys are {allowed}. "
             "Fix the key or remove it and upload again."
         )
 
+    problems = []
     chosen = base
     if "recipe" in request:
-        chosen = resolve(request.pop("recipe"), None)
+        recipe = request.pop("recipe")
+        if recipe in RECIPES:
+            chosen = RECIPES[recipe]
+        else:
+            problems.append(
+                f"Unknown recipe {recipe!r} in {prefix}recipe; choose one of "
+                f"{', '.join(RECIPE_NAMES)}"
+            )
     changes: dict[str, Any] = {}
     for key, raw in request.items():
         field, parse, example = _FIELDS[key]
         try:
             changes[field] = parse(raw)
         except ValueError as exc:
-            raise InvalidRunRequestError(
-                f"Training metadata {METADATA_PREFIX}{key}={raw!r} is invalid "
-                f"({exc}); give a value like {METADATA_PREFIX}{key}={example} "
-                f"and upload again."
-            ) from exc
+            problems.append(
+                f"{prefix}{key}={raw!r} is invalid ({exc}); give a value like "
+                f"{prefix}{key}={example}"
+            )
+    if problems:
+        raise InvalidRunRequestError(
+            f"Invalid training metadata: {'. '.join(problems)}. "
+            "Fix it and upload again."
+        )
 
     return dataclasses.replace(chosen, **changes)

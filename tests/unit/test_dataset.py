@@ -115,7 +115,13 @@ def test_check_rejects_bad_arrays(case):
     with pytest.raises(InvalidDatasetError, match=message) as error:
         check_dataset(source)
 
-    assert "mnist-pipeline upload" in str(error.value)
+    # Each message says what to do next.
+    fix = (
+        "Upload a dataset with more"
+        if "fewer than" in message
+        else "mnist-pipeline upload"
+    )
+    assert fix in str(error.value)
 
 
 def test_check_rejects_missing_test_split():

@@ -85,4 +85,21 @@ def test_bad_metadata_names_the_key_and_the_fix(metadata, named):
 
     message = str(caught.value)
     assert named in message
-    assert "upload again" in message or "choose one of" in message
+    assert "upload again" in message
+
+
+def test_every_bad_value_is_named_at_once():
+    metadata = {"train-recipe": "turbo", "train-epochs": "abc", "train-seed": "-1"}
+
+    with pytest.raises(InvalidRunRequestError) as caught:
+        from_metadata(metadata, RECIPES["default"])
+
+    message = str(caught.value)
+    assert "Unknown recipe 'turbo'" in message
+    assert "train-epochs='abc'" in message
+    assert "train-seed='-1'" in message
+
+
+def test_messages_can_name_cli_options():
+    with pytest.raises(InvalidRunRequestError, match="--epochs='0' is invalid"):
+        from_metadata({"train-epochs": "0"}, RECIPES["default"], "--")

@@ -221,7 +221,7 @@ def create_app(
         (data,) = await read_form_files(
             request, "file", max_files=1, max_file_bytes=settings.max_upload_bytes
         )
-        prediction = await classify(classifier, data, "The file")
+        prediction = await classify(classifier, data, "Upload")
 
         return Response(prediction.model_dump_json(), media_type="application/json")
 

@@ -100,7 +100,7 @@ class _FormFiles:
         }
 
     def name_file(self, index: int) -> str:
-        return "The file" if self.max_files == 1 else f"File {index}"
+        return "Upload" if self.max_files == 1 else f"File {index}"
 
     def on_part_begin(self) -> None:
         self._disposition = b""
