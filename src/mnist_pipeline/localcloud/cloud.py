@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import requests
 from moto.server import ThreadedMotoServer
 
 from mnist_pipeline import settings
@@ -165,6 +166,9 @@ class LocalCloud:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         with contextlib.redirect_stdout(io.StringIO()):
             self._server.start()  # moto prints a start banner to stdout
+        # moto keeps its state in module globals, shared by every server in
+        # this process: start from an empty cloud, as a new account would.
+        requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=30)
         logger.info("moto server listening on %s", self.endpoint_url)
         if self.inject_faults:
             self.faults = FaultProxy(self.endpoint_url).start()
