@@ -78,16 +78,29 @@ def instance_state(instance_id: str) -> str:
     return reservations[0]["Instances"][0]["State"]["Name"]
 
 
+def trainer_state(record: RunRecord) -> str | None:
+    """Return the state of a training run's trainer instance, if it has one."""
+    if record.status != RunStatus.TRAINING or record.trainer_instance_id is None:
+        return None
+
+    return instance_state(record.trainer_instance_id)
+
+
 def stalled_reason(
-    store: PipelineStore, record: RunRecord, now: datetime.datetime
+    store: PipelineStore,
+    record: RunRecord,
+    now: datetime.datetime,
+    state: str | None,
 ) -> tuple[str | None, str | None]:
-    """Return why a run stalled and which instance to end, or (None, None)."""
+    """Return why a run stalled and which instance to end, or (None, None).
+
+    ``state`` is the trainer's instance state from `trainer_state`.
+    """
     if record.status == RunStatus.TRAINING:
         if record.trainer_instance_id is None:
             if _minutes_since(record.created_at, now) > GRACE_MINUTES:
                 return "No trainer instance was started for this run.", None
             return None, None
-        state = instance_state(record.trainer_instance_id)
         if state in ENDED_STATES:
             if store.get_train_meta(record.run_id) is None:
                 return (
@@ -131,13 +144,13 @@ def stalled_reason(
     return None, None
 
 
-def resume_trainer(store: PipelineStore, record: RunRecord) -> bool:
+def resume_trainer(store: PipelineStore, record: RunRecord, state: str | None) -> bool:
     """Start a new trainer for a run whose trainer ended after a checkpoint.
 
     Returns whether one started. The new instance finds the checkpoint and
     resumes (`mnist_trainer.job`). Nothing starts once the run has used
     ``MAX_TRAINER_ATTEMPTS`` instances, or when the launch template is not
-    configured.
+    configured. ``state`` is the trainer's instance state from `trainer_state`.
     """
     if (
         record.status != RunStatus.TRAINING
@@ -146,7 +159,7 @@ def resume_trainer(store: PipelineStore, record: RunRecord) -> bool:
         or record.trainer_attempts >= SETTINGS.max_trainer_attempts
     ):
         return False
-    if instance_state(record.trainer_instance_id) not in ENDED_STATES:
+    if state not in ENDED_STATES:
         return False
     if store.get_train_meta(record.run_id) is not None:
         return False
@@ -198,8 +211,10 @@ def reap(store: PipelineStore, now: datetime.datetime) -> list[RunRecord]:
     for record in store.list_runs():
         if record.status not in (RunStatus.TRAINING, RunStatus.PROMOTING):
             continue
+        # One DescribeInstances per trainer serves both checks below.
+        state = trainer_state(record)
         try:
-            if resume_trainer(store, record):
+            if resume_trainer(store, record, state):
                 continue
         except (instances.InstanceStartError, ClientError) as exc:
             record.update(
@@ -207,10 +222,13 @@ def reap(store: PipelineStore, now: datetime.datetime) -> list[RunRecord]:
                 reason=f"The trainer could not be restarted from its checkpoint: {exc}",
             )
             store.put_run(record)
-            logger.error("Trainer restart failed", extra={"reason": record.reason})
+            logger.error(
+                "Trainer restart failed",
+                extra={"run_id": record.run_id, "reason": record.reason},
+            )
             failed.append(record)
             continue
-        reason, instance_id = stalled_reason(store, record, now)
+        reason, instance_id = stalled_reason(store, record, now, state)
         if reason is None:
             continue
 
