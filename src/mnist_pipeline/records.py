@@ -218,11 +218,11 @@ class TrainingProgress(_Document):
 
 @dataclasses.dataclass
 class TrainingCheckpoint(_Document):
-    """What ``models/<run_id>/checkpoint.keras`` holds, written after it.
+    """Description of ``models/<run_id>/checkpoint.keras``, written after it.
 
     ``epochs_done`` counts finished epochs. A checkpoint saved on an
-    interruption holds the weights and optimizer state from within the next
-    epoch; a resumed run starts that epoch again with them.
+    interruption contains the weights and optimizer state from within the next
+    epoch, and a resumed run starts that epoch again with them.
     """
 
     run_id: str

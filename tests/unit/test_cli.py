@@ -157,7 +157,7 @@ def test_upload_with_bad_training_option_uploads_nothing(s3, capsys):
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
 
 
-def test_status_of_a_run_shows_progress_scores_and_report(s3, capsys):
+def test_status_of_finished_run(s3, capsys):
     store = PipelineStore(s3, BUCKET)
     run_id = "20261204T150000Z-1a2b3c4d"
     now = utc_now()
@@ -224,7 +224,7 @@ def test_status_of_a_run_shows_progress_scores_and_report(s3, capsys):
     assert f"learning_curves: {picture}" in out
 
 
-def test_status_of_a_training_run_shows_the_heartbeat(s3, capsys):
+def test_status_of_training_run(s3, capsys):
     store = PipelineStore(s3, BUCKET)
     run_id = "20261204T150000Z-1a2b3c4d"
     now = utc_now()

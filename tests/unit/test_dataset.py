@@ -115,7 +115,7 @@ def test_check_rejects_bad_arrays(case):
     with pytest.raises(InvalidDatasetError, match=message) as error:
         check_dataset(source)
 
-    # Each message says what to do next.
+    # Each message names what to do next.
     fix = (
         "Upload a dataset with more"
         if "fewer than" in message

@@ -126,9 +126,7 @@ class InterruptAfterFirstCheckpoint(Interruption):
         return super().is_set()
 
 
-def test_interrupted_run_saves_a_checkpoint_and_a_later_instance_resumes(
-    store, small_mnist_npz
-):
+def test_interrupted_run_resumes_later(store, small_mnist_npz):
     stored_run(store, small_mnist_npz, epochs=3)
 
     first = train_run(settings(), store.s3, InterruptAfterFirstCheckpoint(store))

@@ -108,7 +108,7 @@ class SpotNoticeWatcher(threading.Thread):
                 notice = reply.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
             if exc.code != 404:  # 404: no notice
-                logger.warning("Instance metadata answered %s", exc.code)
+                logger.warning("Instance metadata returned HTTP %s", exc.code)
             return False
         except OSError as exc:
             logger.warning("Instance metadata unreachable: %s", exc)

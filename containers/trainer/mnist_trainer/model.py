@@ -52,7 +52,7 @@ def plan_for(gpus: Sequence[object]) -> DevicePlan:
 
 
 def _baseline_cnn() -> list[keras.layers.Layer]:
-    """The original design's CNN: two conv/pool blocks and a small dense head."""
+    """Return the original design's CNN: two conv/pool blocks, a small dense head."""
     layers = keras.layers
     return [
         layers.Conv2D(32, 3, activation="relu"),
@@ -67,7 +67,7 @@ def _baseline_cnn() -> list[keras.layers.Layer]:
 def _regularised_cnn(
     first: int = 28, second: int = 64, dense: int = 256, dropout: float = 0.3
 ) -> list[keras.layers.Layer]:
-    """The baseline's conv/pool blocks with dropout around a wider dense layer.
+    """Return the baseline's conv/pool blocks with dropout around a wider dense layer.
 
     28 first filters instead of 32 pay for the dense layer's 256 units.
     """
