@@ -99,7 +99,6 @@ class PipelineStore:
         shutil.copyfileobj(response["Body"], target, 1 << 20)
 
         return response.get("Metadata", {})
-        target.seek(0)
 
     def _write_lock(self, key: str, run_id: str, **condition: str) -> bool:
         body = json.dumps({"run_id": run_id, "created_at": utc_now()}).encode()
