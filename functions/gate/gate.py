@@ -13,7 +13,10 @@ Invoked by two kinds of S3 objects:
   keeps running for ``SERVER_GRACE_SECONDS``; the scheduled reaper then
   terminates it.
 
-A rejected model leaves the current server untouched.
+A rejected model leaves the current server untouched. The template runs
+one invocation at a time (reserved concurrency 1), so each decision sees
+the writes of the one before it, and a redelivered event finds its work
+done.
 """
 
 from typing import Any

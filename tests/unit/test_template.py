@@ -204,6 +204,12 @@ def test_bucket_requires_tls_and_expires_leftovers():
     assert any("NoncurrentVersionExpiration" in rule for rule in rules)
 
 
+def test_gate_decides_one_event_at_a_time():
+    gate = TEMPLATE["Resources"]["GateFunction"]["Properties"]
+
+    assert gate["ReservedConcurrentExecutions"] == 1
+
+
 @pytest.mark.parametrize("name", ["LauncherFunction", "GateFunction", "ReaperFunction"])
 def test_event_functions_have_dlq_and_logs(name):
     globals_ = TEMPLATE["Globals"]["Function"]

@@ -1,15 +1,18 @@
 """Start and stop the whole local cloud."""
 
 import contextlib
+import functools
 import io
 import json
 import logging
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 import boto3
 import requests
+from moto.s3.responses import S3Response
 from moto.server import ThreadedMotoServer
 
 from mnist_pipeline import settings
@@ -17,6 +20,7 @@ from mnist_pipeline.exceptions import PipelineError
 from mnist_pipeline.localcloud import address
 from mnist_pipeline.localcloud import template as cfn
 from mnist_pipeline.localcloud.dispatcher import (
+    CONCURRENT_INVOCATIONS,
     MAX_ATTEMPTS,
     EventDispatcher,
     FunctionQueue,
@@ -36,6 +40,29 @@ DEFAULT_STACK_NAME = "mnist-pipeline-local"
 LOCAL_ZONES = 2
 # Template parameter that the local cloud sets to ``server_grace_seconds``.
 SERVER_GRACE_PARAMETER = "ServerGraceSeconds"
+
+
+def _make_object_writes_atomic() -> None:
+    """Check a PutObject's condition and write in one step, as S3 does.
+
+    moto's server handles requests on several threads and checks
+    ``If-None-Match`` and ``If-Match`` before it writes, in two steps, so
+    two simultaneous conditional writes of one key could both succeed. The
+    pipeline's upload lock relies on S3 refusing the second. One lock
+    around moto's PutObject handler makes each write atomic again.
+    """
+    handler = S3Response.put_object
+    if getattr(handler, "atomic", False):
+        return
+    lock = threading.Lock()
+
+    @functools.wraps(handler)
+    def put_object(self: S3Response) -> Any:
+        with lock:
+            return handler(self)
+
+    put_object.atomic = True  # type: ignore[attr-defined]
+    S3Response.put_object = put_object  # type: ignore[method-assign]
 
 
 class LocalCloudError(PipelineError):
@@ -163,6 +190,7 @@ class LocalCloud:
                 f"Port {self.serving_port} on 127.0.0.1 is in use ({exc.strerror}); "
                 "pass a free one with --serving-port."
             ) from exc
+        _make_object_writes_atomic()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         with contextlib.redirect_stdout(io.StringIO()):
             self._server.start()  # moto prints a start banner to stdout
@@ -393,6 +421,10 @@ class LocalCloud:
             environment=environment,
             queue_url=queue_url,
             log_path=self.state_dir / "logs" / f"{spec.logical_id}.log",
+            concurrency=min(
+                spec.reserved_concurrency or CONCURRENT_INVOCATIONS,
+                CONCURRENT_INVOCATIONS,
+            ),
         )
 
     def export_lines(self) -> list[str]:

@@ -9,10 +9,12 @@ after `MAX_ATTEMPTS` attempts SQS moves it to the function's dead-letter
 queue, as Lambda's asynchronous invocation does with its retries.
 
 Delivery is at least once and in no fixed order, as on AWS, so handlers
-must tolerate both. The dispatcher runs several invocations at once.
+must tolerate both. The dispatcher runs several invocations at once, and
+no more of one function than its reserved concurrency in the template.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ class FunctionQueue:
         environment: dict[str, str],
         queue_url: str,
         log_path: Path,
+        concurrency: int = CONCURRENT_INVOCATIONS,
     ) -> None:
         self.name = name
         self.code_dir = code_dir
@@ -49,6 +53,7 @@ class FunctionQueue:
         self.environment = environment
         self.queue_url = queue_url
         self.log_path = log_path
+        self.concurrency = concurrency
 
 
 class EventDispatcher:
@@ -60,6 +65,14 @@ class EventDispatcher:
         self.invocations = 0
         self.failures = 0
         self._stop = threading.Event()
+        self._held: set[str] = set()
+        # Held while a function's poller receives and submits messages.
+        self._receiving = {function.name: threading.Lock() for function in functions}
+        # One slot per invocation a function may run at once.
+        self._slots = {
+            function.name: threading.BoundedSemaphore(function.concurrency)
+            for function in functions
+        }
         self._threads: list[threading.Thread] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(CONCURRENT_INVOCATIONS)
 
@@ -80,23 +93,66 @@ class EventDispatcher:
             thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        """Invoke nothing of function ``name`` inside the block.
+
+        Its events wait in its queue and are delivered after the block, as
+        with a Lambda function throttled to a reserved concurrency of 0.
+        Events received before the block are still delivered.
+        """
+        if name not in self._receiving:
+            raise ValueError(f"No event-driven function is named {name!r}.")
+        self._held.add(name)
+        # Let a receive that is under way finish, so that none starts later.
+        with self._receiving[name]:
+            pass
+        try:
+            yield
+        finally:
+            self._held.discard(name)
+
     def _poll(self, function: FunctionQueue) -> None:
+        slots = self._slots[function.name]
         while not self._stop.is_set():
-            try:
-                response = self.sqs.receive_message(
-                    QueueUrl=function.queue_url,
-                    MaxNumberOfMessages=10,
-                    WaitTimeSeconds=1,
-                    AttributeNames=["ApproximateReceiveCount"],
-                )
-            except Exception:
-                if self._stop.is_set():
-                    return
-                logger.exception("Receiving events for %s failed", function.name)
-                self._stop.wait(1)
+            if function.name in self._held or not slots.acquire(timeout=0.2):
+                self._stop.wait(0.2)
                 continue
-            for message in response.get("Messages", []):
-                self._pool.submit(self._deliver, function, message)
+            # A received message holds its slot until its invocation ends.
+            with self._receiving[function.name]:
+                try:
+                    messages = (
+                        [] if function.name in self._held else self._receive(function)
+                    )
+                except Exception:
+                    messages = []
+                    if not self._stop.is_set():
+                        logger.exception(
+                            "Receiving events for %s failed", function.name
+                        )
+                        self._stop.wait(1)
+                if messages:
+                    self._pool.submit(self._deliver_in_slot, function, messages[0])
+                else:
+                    slots.release()
+
+    def _receive(self, function: FunctionQueue) -> list[dict[str, Any]]:
+        response = self.sqs.receive_message(
+            QueueUrl=function.queue_url,
+            MaxNumberOfMessages=1,
+            WaitTimeSeconds=1,
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+
+        return response.get("Messages", [])
+
+    def _deliver_in_slot(
+        self, function: FunctionQueue, message: dict[str, Any]
+    ) -> None:
+        try:
+            self._deliver(function, message)
+        finally:
+            self._slots[function.name].release()
 
     def _deliver(self, function: FunctionQueue, message: dict[str, Any]) -> None:
         event = json.loads(message["Body"])

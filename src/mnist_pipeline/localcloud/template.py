@@ -59,6 +59,8 @@ class FunctionSpec:
     timeout: int
     triggers: list[S3Trigger]
     schedule: str | None = None  # an EventBridge rate or cron expression
+    # Most invocations at once (ReservedConcurrentExecutions); None: no limit.
+    reserved_concurrency: int | None = None
 
 
 def _filter_rules(properties: dict[str, Any]) -> tuple[str, str]:
@@ -66,6 +68,16 @@ def _filter_rules(properties: dict[str, Any]) -> tuple[str, str]:
     values = {rule["Name"].lower(): rule["Value"] for rule in rules}
 
     return values.get("prefix", ""), values.get("suffix", "")
+
+
+def _reserved_concurrency(
+    properties: dict[str, Any], globals_: dict[str, Any]
+) -> int | None:
+    value = properties.get(
+        "ReservedConcurrentExecutions", globals_.get("ReservedConcurrentExecutions")
+    )
+
+    return None if value is None else int(value)
 
 
 def functions(template: dict[str, Any]) -> list[FunctionSpec]:
@@ -104,6 +116,7 @@ def functions(template: dict[str, Any]) -> list[FunctionSpec]:
                 timeout=int(properties.get("Timeout", globals_.get("Timeout", 3))),
                 triggers=triggers,
                 schedule=schedule,
+                reserved_concurrency=_reserved_concurrency(properties, globals_),
             )
         )
 
