@@ -203,6 +203,10 @@ class ServingAddressProxy:
                 )
             finally:
                 upstream_writer.close()
+        except asyncio.CancelledError:
+            # `stop` cancels open connections. Python 3.11's start_server
+            # logs a cancelled handler as an error, so end this one normally.
+            pass
         finally:
             client_writer.close()
             self._handlers.discard(handler)
