@@ -118,7 +118,7 @@ class EventDispatcher:
             if function.name in self._held or not slots.acquire(timeout=0.2):
                 self._stop.wait(0.2)
                 continue
-            # A received message holds its slot until its invocation ends.
+            # A received message keeps its slot until its invocation ends.
             with self._receiving[function.name]:
                 try:
                     messages = (

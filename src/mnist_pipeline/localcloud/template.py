@@ -59,7 +59,7 @@ class FunctionSpec:
     timeout: int
     triggers: list[S3Trigger]
     schedule: str | None = None  # an EventBridge rate or cron expression
-    # Most invocations at once (ReservedConcurrentExecutions); None: no limit.
+    # Maximum invocations at once (ReservedConcurrentExecutions), or None.
     reserved_concurrency: int | None = None
 
 
