@@ -12,6 +12,7 @@ from typing import Any
 
 import boto3
 import requests
+from moto.s3 import notifications as s3_notifications
 from moto.s3.responses import S3Response
 from moto.server import ThreadedMotoServer
 
@@ -63,6 +64,32 @@ def _make_object_writes_atomic() -> None:
 
     put_object.atomic = True  # type: ignore[attr-defined]
     S3Response.put_object = put_object  # type: ignore[method-assign]
+
+
+def _add_version_ids_to_events() -> None:
+    """Name the object version in moto's S3 event records, as S3 does.
+
+    S3 puts ``versionId`` in each record of a versioned bucket, and the
+    launcher tells two uploads of the same bytes apart by it. moto's event
+    records leave it out.
+    """
+    build = s3_notifications._get_s3_event
+    if getattr(build, "with_version_ids", False):
+        return
+
+    @functools.wraps(build)
+    def build_with_version_id(
+        event_name: str, bucket: Any, key: Any, notification_id: str
+    ) -> dict[str, Any]:
+        event = build(event_name, bucket, key, notification_id)
+        if key.version_id and key.version_id != "null":
+            for record in event["Records"]:
+                record["s3"]["object"]["versionId"] = key.version_id
+
+        return event
+
+    build_with_version_id.with_version_ids = True  # type: ignore[attr-defined]
+    s3_notifications._get_s3_event = build_with_version_id
 
 
 class LocalCloudError(PipelineError):
@@ -173,6 +200,11 @@ class LocalCloud:
 
     def start(self) -> "LocalCloud":
         """Start moto, create the stack's resources and start the workers."""
+        if self.serving_port == self.port:
+            raise LocalCloudError(
+                f"The AWS endpoint and the serving address both asked for port "
+                f"{self.port}; give --port and --serving-port different values."
+            )
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         # moto's server waits forever for a port it cannot bind; check first.
         with socket.socket() as probe:
@@ -191,6 +223,7 @@ class LocalCloud:
                 "pass a free one with --serving-port."
             ) from exc
         _make_object_writes_atomic()
+        _add_version_ids_to_events()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
         with contextlib.redirect_stdout(io.StringIO()):
             self._server.start()  # moto prints a start banner to stdout
