@@ -2,6 +2,7 @@
 
 import http.client
 import http.server
+import json
 import threading
 import time
 
@@ -125,14 +126,25 @@ def test_open_connection_stays_with_its_server(proxy, ec2, address, instances):
     kept_alive.close()
 
 
-def test_unassociated_address_closes_connection(proxy):
-    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-        answer_of_new_connection(proxy)
+def no_server_response(proxy: ServingAddressProxy) -> http.client.HTTPResponse:
+    host, port = proxy.listener.getsockname()[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    response.body = json.loads(response.read())
+    connection.close()
+    return response
 
+
+def test_unassociated_address_answers_503(proxy):
+    response = no_server_response(proxy)
+
+    assert response.status == 503
+    assert "No model is serving yet" in response.body["detail"]
     assert proxy.rejected == 1
 
 
-def test_holder_without_server_closes_connection(proxy, ec2, address):
+def test_holder_without_server_answers_503(proxy, ec2, address):
     template = launch_template(ec2)
     [stray] = ec2.run_instances(
         MinCount=1,
@@ -141,9 +153,7 @@ def test_holder_without_server_closes_connection(proxy, ec2, address):
     )["Instances"]
     ec2.associate_address(AllocationId=address, InstanceId=stray["InstanceId"])
 
-    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-        answer_of_new_connection(proxy)
-
+    assert no_server_response(proxy).status == 503
     assert proxy.rejected == 1
 
 

@@ -14,6 +14,7 @@ serving them during the grace period.
 """
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -53,6 +54,22 @@ def listen(port: int, host: str = "127.0.0.1") -> socket.socket:
     listener.setblocking(False)
 
     return listener
+
+
+# On AWS an Elastic IP without a running instance does not answer at all.
+# Locally the address answers 503 instead, so that a user who calls it
+# before the first promotion reads why.
+_NO_SERVER_DETAIL = (
+    b'{"detail": "No model is serving yet: the serving address has no running '
+    b"server. Upload a dataset and wait for a run to be promoted "
+    b'(mnist-pipeline status)."}'
+)
+NO_SERVER_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_NO_SERVER_DETAIL)).encode() + b"\r\n"
+    b"Connection: close\r\n\r\n" + _NO_SERVER_DETAIL
+)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -190,10 +207,13 @@ class ServingAddressProxy:
                 self.rejected += 1
                 if self.rejected == 1 or self.rejected % 100 == 0:
                     logger.warning(
-                        "No running server holds %s; closed %d connections so far",
+                        "No running server holds %s; answered %d connections with 503",
                         self.allocation_id,
                         self.rejected,
                     )
+                client_writer.write(NO_SERVER_RESPONSE)
+                with contextlib.suppress(OSError):
+                    await client_writer.drain()
                 return
             upstream_reader, upstream_writer = upstream
             try:
