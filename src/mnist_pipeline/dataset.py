@@ -390,10 +390,18 @@ def save_dataset(
         ARRAY_NAMES, (x_train, y_train, x_test, y_test), strict=True
     ):
         array = np.asarray(array)
+        # The caller is already packaging, so these errors name a conversion.
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.integer):
-            raise _invalid(f"{name} has dtype {array.dtype}, expected integers")
+            raise InvalidDatasetError(
+                f"{name} has dtype {array.dtype}, expected integers: pixels 0-255 "
+                "and labels 0-9. Convert pixels scaled to 0-1 with "
+                "(x * 255).round().astype('uint8') before packaging."
+            )
         if array.size and (array.min() < 0 or array.max() > 255):
-            raise _invalid(f"{name} has values outside 0-255")
+            raise InvalidDatasetError(
+                f"{name} has values from {array.min()} to {array.max()}, outside "
+                "0-255; rescale the pixels to 0-255 before packaging."
+            )
         arrays[name] = np.ascontiguousarray(array, dtype=np.uint8)
 
     np.savez_compressed(target, **arrays)

@@ -15,6 +15,7 @@ A source is one of:
 import gzip
 import os
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,11 @@ def read_source(source: str) -> Dataset:
     if path.is_dir():
         return read_idx_directory(path)
     if path.is_file() and path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise DatasetSourceError(
+                f"{path} is not an .npz archive (not a zip file). Give a Keras-format "
+                "mnist.npz, or a directory of the four MNIST IDX files."
+            )
         try:
             return load_dataset(path)
         except (ValueError, KeyError, OSError) as exc:

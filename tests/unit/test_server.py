@@ -333,7 +333,7 @@ def test_batch_file_over_limit_gets_413(s3, small_mnist):
         response = client.post("/predict/batch", files=files)
 
     assert response.status_code == 413
-    assert response.json()["detail"].startswith("File 1 is larger than 100 bytes")
+    assert response.json()["detail"].startswith("File 2 is larger than 100 bytes")
 
 
 def test_batch_names_the_bad_file(client, small_mnist):
@@ -345,7 +345,7 @@ def test_batch_names_the_bad_file(client, small_mnist):
     response = client.post("/predict/batch", files=files)
 
     assert response.status_code == 400
-    assert response.json()["detail"].startswith("File 1: The uploaded file is empty")
+    assert response.json()["detail"].startswith("File 2: The uploaded file is empty")
 
 
 def test_metrics_count_requests_and_digits(client, small_mnist):

