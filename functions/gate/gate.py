@@ -355,7 +355,6 @@ def start_rollback(store: PipelineStore, request_key: str) -> RunRecord | None:
         status=RunStatus.PROMOTING,
         server_instance_id=server_id,
         rollback_requested_at=request.requested_at,
-        reason=f"Rollback requested at {request.requested_at}.",
     )
     store.put_run(record)
     logger.info("Server started for the rollback", extra={"instance_id": server_id})

@@ -36,7 +36,7 @@ from botocore.exceptions import ClientError
 
 from mnist_pipeline import instances
 from mnist_pipeline.exceptions import InvalidRecordError
-from mnist_pipeline.records import RunRecord, RunStatus, utc_now
+from mnist_pipeline.records import RunRecord, RunStatus, rollback_failure, utc_now
 from mnist_pipeline.settings import ReaperSettings
 from mnist_pipeline.store import PipelineStore
 
@@ -206,6 +206,7 @@ def reap(store: PipelineStore, now: datetime.datetime) -> list[RunRecord]:
     """Fail every stalled run, ending its instance; return the runs failed.
 
     A run whose trainer ended after a checkpoint gets a new trainer instead.
+    A stalled rollback leaves its run promoted, with the failure in its reason.
     """
     failed = []
     for record in store.list_runs():
@@ -234,7 +235,16 @@ def reap(store: PipelineStore, now: datetime.datetime) -> list[RunRecord]:
 
         if instance_id:
             instances.terminate_instance(ec2, instance_id)
-        record.update(status=RunStatus.FAILED, reason=reason)
+        if record.rollback_requested_at:
+            # The model served before and still may: the run stays promoted.
+            record.update(
+                status=RunStatus.PROMOTED,
+                rollback_requested_at=None,
+                reason=f"{record.reason or ''} "
+                f"{rollback_failure(record.rollback_requested_at)}: {reason}".strip(),
+            )
+        else:
+            record.update(status=RunStatus.FAILED, reason=reason)
         store.put_run(record)
         logger.warning(
             "Stalled run failed",

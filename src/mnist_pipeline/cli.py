@@ -29,6 +29,7 @@ from mnist_pipeline.records import (
     RunStatus,
     TrainingProgress,
     TrainMeta,
+    rollback_failure,
     utc_now,
 )
 from mnist_pipeline.store import PipelineStore
@@ -508,7 +509,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             print(f"Model {version} serving at {current.url}.")
             return 0
         record = store.get_run(version)
-        if record is not None and record.status == RunStatus.FAILED:
+        failure = rollback_failure(request.requested_at)
+        if record is not None and failure in (record.reason or ""):
             raise CommandError(f"The rollback failed: {record.reason}")
         time.sleep(1)
 

@@ -34,6 +34,11 @@ class Decision(enum.StrEnum):
     REJECT = "reject"
 
 
+def rollback_failure(requested_at: str) -> str:
+    """Return the words that mark a failed rollback in its run's reason."""
+    return f"Rollback requested at {requested_at} failed"
+
+
 def utc_now() -> str:
     """Return the current time as an ISO 8601 UTC string with seconds."""
     now = datetime.datetime.now(datetime.UTC)

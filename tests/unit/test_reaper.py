@@ -323,3 +323,29 @@ def test_malformed_pointer_retires_nothing(reaper, store, ec2):
 
     assert reaper.retire_replaced_servers(store, after_grace) == []
     assert instance_state(ec2, old) == "running"
+
+
+def test_stalled_rollback_keeps_run_promoted(reaper, store, ec2, lambda_context):
+    from mnist_pipeline.records import rollback_failure
+
+    # GIVEN a rollback to a promoted run whose new server crashed
+    new_server = start_test_instance(ec2, instances.SERVER_ROLE)
+    ec2.terminate_instances(InstanceIds=[new_server])
+    requested_at = utc_now()
+    run(
+        store,
+        RunStatus.PROMOTING,
+        utc_now(),
+        server_instance_id=new_server,
+        rollback_requested_at=requested_at,
+        reason="Test accuracy 0.9900 meets the threshold 0.9500.",
+    )
+
+    reap(reaper, lambda_context)
+
+    # THEN the run stays promoted, its reason kept and the failure added
+    record = store.get_run(RUN_ID)
+    assert record.status == RunStatus.PROMOTED
+    assert record.rollback_requested_at is None
+    assert record.reason.startswith("Test accuracy 0.9900 meets the threshold")
+    assert f"{rollback_failure(requested_at)}: The new server ended" in record.reason
