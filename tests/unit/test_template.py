@@ -1,6 +1,7 @@
 """template.yaml and the code must agree: handlers, filters, settings, pins."""
 
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def test_template_environment_satisfies_settings(name):
     loaded = SETTINGS_OF[name].from_env(environment)
 
     assert loaded.bucket == "dev-mnist-123456789012-us-east-1"
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_local_invoke_environment_sets_every_variable(name):
+    # `sam local invoke --env-vars events/env.json` sets only what the file
+    # names; a variable missing there takes the settings' default instead.
+    local = json.loads((ROOT / "events" / "env.json").read_text())[name]
+    template_variables = set(FUNCTIONS[name].environment)
+    globals_ = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+
+    missing = template_variables - set(globals_) - set(local)
+
+    assert missing <= set(RESOLVED_AT_RUNTIME.get(name, {}))
+    assert SETTINGS_OF[name].from_env({**local, **RESOLVED_AT_RUNTIME.get(name, {})})
 
 
 def test_launcher_fires_on_datasets_only():
