@@ -323,7 +323,7 @@ def test_rollback_to_unknown_run_names_it(s3, capsys):
         ("--epochs", "201", "is not a number of epochs"),
     ],
 )
-def test_local_cloud_option_out_of_range_is_usage_error(option, value, message, capsys):
+def test_out_of_range_option_is_usage_error(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["local", "up", option, value])
 

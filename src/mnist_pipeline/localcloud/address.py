@@ -56,8 +56,8 @@ def listen(port: int, host: str = "127.0.0.1") -> socket.socket:
     return listener
 
 
-# On AWS an Elastic IP without a running instance does not answer at all.
-# Locally the address answers 503 instead, so that a user who calls it
+# On AWS an Elastic IP without a running instance accepts no connection.
+# Locally the address responds 503 instead, so that a user who calls it
 # before the first promotion reads why.
 _NO_SERVER_DETAIL = (
     b'{"detail": "No model is serving yet: the serving address has no running '
