@@ -21,6 +21,7 @@ Faults and where they are injected:
 * EC2 capacity, throttling and Spot errors: `faults.FaultProxy` fails
   RunInstances requests with EC2's own errors;
 * a trainer that crashes or hangs: SIGKILL or SIGSTOP to its process;
+* a trainer that runs too long: more epochs than MaxTrainingMinutes allows;
 * a corrupt model: the object is overwritten between training and review.
 
 Elsewhere on the local cloud: a trainer instance terminated mid-run,
@@ -58,6 +59,10 @@ LAUNCHER = "LauncherFunction"
 GATE = "GateFunction"
 RUN_TIMEOUT_SECONDS = 600
 HEARTBEAT_MINUTES = 1
+MAX_TRAINING_MINUTES = 1
+# The reaper ends a trainer this many minutes past MaxTrainingMinutes, so
+# that the instance's own time limit acts first on AWS.
+REAPER_GRACE_MINUTES = 5
 # The dispatcher retries a failed event after 5 s, and SQS moves it to the
 # dead-letter queue once the last attempt's visibility timeout (the
 # function's 120 s timeout) has passed.
@@ -76,6 +81,9 @@ def cloud(tmp_path_factory):
             "AccuracyThreshold": "0.9",
             "UseSpot": "true",
             "HeartbeatMinutes": str(HEARTBEAT_MINUTES),
+            # Below the template's minimum of 5, which the local cloud does
+            # not enforce, so that a run past its limit shows within minutes.
+            "MaxTrainingMinutes": str(MAX_TRAINING_MINUTES),
         },
         schedule_seconds=2,
         server_grace_seconds=2,
@@ -611,6 +619,32 @@ def test_hung_trainer_is_terminated_and_fails_its_run(cloud, digits, serving):
     final = wait_for_run(store, key, etag, timeout=HEARTBEAT_MINUTES * 60 + 120)
     assert final.status == RunStatus.FAILED
     assert "sent no heartbeat" in final.reason
+    assert wait_until(
+        lambda: instance_states(cloud)[run.trainer_instance_id] == "terminated"
+    )
+    assert assert_nothing_lost(cloud, current) == current
+
+
+def test_trainer_past_time_limit_is_terminated(cloud, mnist, serving):
+    store = cloud.store
+    current = store.get_serving()
+    # GIVEN a run asked to train far longer than MaxTrainingMinutes allows
+    # (200 epochs of 60,000 digits, about 10 s each here), whose trainer
+    # keeps reporting progress
+    request = {
+        "train-recipe": "default",
+        "train-epochs": "200",
+        "train-target-accuracy": "none",
+    }
+    key, etag = upload_dataset(store, mnist, "too-long", False, request)
+    run = run_of(cloud, key, etag)
+
+    # THEN the reaper terminates it once it is past the limit and the grace
+    limit_minutes = MAX_TRAINING_MINUTES + REAPER_GRACE_MINUTES
+    final = wait_for_run(store, key, etag, timeout=(limit_minutes + 3) * 60)
+    assert final.status == RunStatus.FAILED
+    assert f"past the limit of {limit_minutes}" in final.reason
+    assert store.get_progress(run.run_id).epoch >= 1
     assert wait_until(
         lambda: instance_states(cloud)[run.trainer_instance_id] == "terminated"
     )
