@@ -247,9 +247,10 @@ def reap(store: PipelineStore, now: datetime.datetime) -> list[RunRecord]:
             record.update(status=RunStatus.FAILED, reason=reason)
         store.put_run(record)
         logger.warning(
-            "Stalled run failed",
+            "Stalled run ended",
             extra={
                 "run_id": record.run_id,
+                "status": record.status,
                 "reason": reason,
                 "instance_id": instance_id,
             },

@@ -145,12 +145,15 @@ def wait_for_run(
     last_epoch = None
     while time.monotonic() < deadline:
         record = find_run(store, data_key, etag)
-        if record is not None and record.status != last_status:
+        if record is None:
+            time.sleep(1)
+            continue
+        if record.status != last_status:
             last_status = record.status
             logger.info("Run %s: %s", record.run_id, record.status)
-        if record is not None and record.status in FINAL_STATUSES:
+        if record.status in FINAL_STATUSES:
             return record
-        if record is not None and record.status == RunStatus.TRAINING:
+        if record.status == RunStatus.TRAINING:
             progress = store.get_progress(record.run_id)
             if progress is not None and progress.epoch != last_epoch:
                 last_epoch = progress.epoch
@@ -603,33 +606,28 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _port(text: str) -> int:
-    """Parse a TCP port number for argparse; 0 picks a free port."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a port number; use 1-65535, or 0 for any free port"
-        )
+def _bounded_integer(maximum: int, meaning: str, zero_means: str):
+    """Return an argparse type for whole numbers from 0 to ``maximum``."""
 
-    return port
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {meaning}; use 1-{maximum}, or 0 for {zero_means}"
+            )
+
+        return value
+
+    return parse
 
 
-def _stack_epochs(text: str) -> int:
-    """Parse the local cloud's epochs per run, within the template's range."""
-    try:
-        epochs = int(text)
-    except ValueError:
-        epochs = -1
-    if not 0 <= epochs <= MAX_STACK_EPOCHS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of epochs; use 1-{MAX_STACK_EPOCHS}, or 0 for "
-            "the recipe's own number"
-        )
-
-    return epochs
+_port = _bounded_integer(65535, "a port number", "any free port")
+_stack_epochs = _bounded_integer(
+    MAX_STACK_EPOCHS, "a number of epochs", "the recipe's own number"
+)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:

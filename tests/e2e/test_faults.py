@@ -24,9 +24,9 @@ Faults and where they are injected:
 * a trainer that runs too long: more epochs than MaxTrainingMinutes allows;
 * a corrupt model: the object is overwritten between training and review.
 
-Elsewhere on the local cloud: a trainer instance terminated mid-run,
-a stopped trainer resuming from its checkpoint, and rollback
-(`test_loop.py`); a cutover under 60 s of load (`test_cutover_load.py`).
+`test_loop.py` covers a trainer instance terminated mid-run, a stopped
+trainer resuming from its checkpoint, and rollback on the local cloud.
+`test_cutover_load.py` covers a cutover under 60 s of load.
 
 The runs train the fast recipe for one epoch on 12,000 real digits, so
 the accuracy threshold is 0.9 here.

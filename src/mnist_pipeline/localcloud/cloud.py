@@ -70,8 +70,8 @@ def _add_version_ids_to_events() -> None:
     """Name the object version in moto's S3 event records, as S3 does.
 
     S3 puts ``versionId`` in each record of a versioned bucket, and the
-    launcher tells two uploads of the same bytes apart by it. moto's event
-    records leave it out.
+    launcher uses it to distinguish two uploads of the same bytes. moto's
+    event records leave it out.
     """
     build = s3_notifications._get_s3_event
     if getattr(build, "with_version_ids", False):
