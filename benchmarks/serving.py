@@ -6,8 +6,9 @@ DIR contains the four MNIST IDX files. The script trains the baseline CNN
 for 2 epochs, or reuses the one in .benchmarks/. It starts moto's server
 with the model in a bucket and starts ``python -m mnist_server``. wrk
 (Debian package ``wrk``) then drives it at 8 connections, posting one 28x28
-PNG as multipart form data. It then measures the original design's server
-(`seed_server`) the same way and prints one JSON line:
+PNG as multipart form data. It then measures two reference servers the same
+way, `bare_server` (the same image work with no web framework) and the
+original design's `seed_server`, and prints one JSON line:
 
     predict_rps, predict_p50_ms, predict_p99_ms   POST /predict
     health_rps                                    GET /health, same run
@@ -15,6 +16,9 @@ PNG as multipart form data. It then measures the original design's server
     predict_cpu_us, health_cpu_us                 server CPU time per request
     startup_s                                     process start to /health 200
     rss_mb                                        server memory after the load
+    bare_predict_rps, bare_predict_cpu_us         the same image work and model
+                                                  with no web framework
+    bare_predict_health_ratio                     bare_predict_rps / health_rps
     seed_predict_rps, seed_predict_p99_ms         the original design's server
 """
 
@@ -160,6 +164,31 @@ def run_wrk_measuring_cpu(url: str, duration: int, pid: int, **options) -> dict:
     return result
 
 
+def start_uvicorn(
+    app: str, port: int, environment: dict[str, str], *options: str
+) -> subprocess.Popen:
+    """Start a reference server from this repository with uvicorn."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *options,
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
 
@@ -174,7 +203,8 @@ def main() -> int:
 
     model_dir = trained_model(args.data)
     png = digit_png(args.data)
-    moto_port, port, seed_port = free_port(), free_port(), free_port()
+    moto_port, port = free_port(), free_port()
+    bare_port, seed_port = free_port(), free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
     moto.start()
     endpoint = f"http://127.0.0.1:{moto_port}"
@@ -226,23 +256,32 @@ def main() -> int:
             server.terminate()
             server.wait()
 
-        seed = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.seed_server:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(seed_port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env={**environment, "MODEL_PATH": str(model_dir / "model.keras")},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        bare = start_uvicorn(
+            "benchmarks.bare_server:app",
+            bare_port,
+            {**environment, "MODEL_PATH": str(model_dir / "model.tflite")},
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+        )
+        try:
+            wait_healthy(f"http://127.0.0.1:{bare_port}")
+            bare_predict = run_wrk_measuring_cpu(
+                f"http://127.0.0.1:{bare_port}/predict",
+                args.duration,
+                bare.pid,
+                script=script,
+            )
+        finally:
+            bare.terminate()
+            bare.wait()
+
+        seed = start_uvicorn(
+            "benchmarks.seed_server:app",
+            seed_port,
+            {**environment, "MODEL_PATH": str(model_dir / "model.keras")},
         )
         try:
             wait_healthy(f"http://127.0.0.1:{seed_port}")
@@ -267,6 +306,11 @@ def main() -> int:
                 "health_cpu_us": health["cpu_us"],
                 "startup_s": round(startup, 3),
                 "rss_mb": round(memory, 1),
+                "bare_predict_rps": bare_predict["rps"],
+                "bare_predict_health_ratio": round(
+                    bare_predict["rps"] / health["rps"], 3
+                ),
+                "bare_predict_cpu_us": bare_predict["cpu_us"],
                 "seed_predict_rps": seed_predict["rps"],
                 "seed_predict_p99_ms": seed_predict["p99_ms"],
                 "connections": CONNECTIONS,
