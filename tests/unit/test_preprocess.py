@@ -147,3 +147,20 @@ def test_median_matches_numpy(size):
     values = np.random.default_rng(size).random(size).astype(np.float32) * 255
 
     assert _median(values) == pytest.approx(float(np.median(values)), abs=1e-3)
+
+
+def test_paper_removal_keeps_zero_bordered_digit(small_mnist):
+    # to_mnist skips remove_paper for a border of zeros, because it would
+    # return such an image unchanged.
+    from mnist_server.preprocess import remove_paper
+
+    digits = small_mnist.x_test[:200].astype(np.float32)
+    edges = np.concatenate(
+        [digits[:, 0], digits[:, -1], digits[:, :, 0], digits[:, :, -1]], axis=1
+    )
+    zero_bordered = digits[~edges.any(axis=1)]
+    assert len(zero_bordered) > 150
+
+    for digit in zero_bordered:
+        border = np.zeros(4 * 28, dtype=np.float32)
+        np.testing.assert_array_equal(remove_paper(digit.copy(), border), digit)
