@@ -21,6 +21,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+from PIL import Image
 
 from mnist_pipeline import instances, keys
 from mnist_pipeline.dataset import Dataset, save_dataset
@@ -61,6 +62,14 @@ def small_mnist(mnist: Dataset) -> Dataset:
         mnist.x_test[:500],
         mnist.y_test[:500],
     )
+
+
+def png(image: np.ndarray) -> bytes:
+    """Encode a uint8 image as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+
+    return buffer.getvalue()
 
 
 def dataset_bytes(dataset: Dataset) -> bytes:

@@ -23,13 +23,9 @@ from mnist_pipeline.records import RunStatus
 
 # pytest finds the module-scoped `cloud` fixture through this import, so the
 # test's `cloud` parameter names it (F811).
-from tests.e2e.test_loop import (  # noqa: F401
-    RUN_TIMEOUT_SECONDS,
-    cloud,
-    instance_states,
-    png,
-    wait_until,
-)
+from tests.conftest import png
+from tests.e2e.helpers import instance_states, wait_until
+from tests.e2e.test_loop import RUN_TIMEOUT_SECONDS, cloud  # noqa: F401
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 

@@ -43,7 +43,6 @@ from urllib.parse import quote_plus, unquote_plus
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from mnist_pipeline import instances, keys
 from mnist_pipeline.cli import FINAL_STATUSES, find_run, upload_dataset, wait_for_run
@@ -51,7 +50,8 @@ from mnist_pipeline.dataset import Dataset, save_dataset
 from mnist_pipeline.localcloud import LocalCloud, dispatcher
 from mnist_pipeline.localcloud.runner import free_port
 from mnist_pipeline.records import RunRecord, RunStatus, ServingPointer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, png
+from tests.e2e.helpers import described_instances, instance_states, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -119,21 +119,6 @@ def faults(cloud):
     cloud.faults.rules.clear()
     yield cloud.faults.rules
     cloud.faults.rules.clear()
-
-
-def wait_until(condition, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.5)
-    return None
-
-
-def described_instances(cloud) -> list[dict]:
-    reservations = cloud.client("ec2").describe_instances()["Reservations"]
-    return [instance for r in reservations for instance in r["Instances"]]
 
 
 def live_instances(cloud, role: str) -> list[str]:
@@ -212,10 +197,6 @@ def assert_nothing_lost(
     return pointer
 
 
-def instance_states(cloud) -> dict[str, str]:
-    return {i["InstanceId"]: i["State"]["Name"] for i in described_instances(cloud)}
-
-
 def function_log(cloud, function: str) -> str:
     return (cloud.state_dir / "logs" / f"{function}.log").read_text()
 
@@ -230,12 +211,6 @@ def skipped(cloud, function: str, run_id: str) -> int:
         "skipping duplicate event" in line and run_id in line
         for line in function_log(cloud, function).splitlines()
     )
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def take_events(

@@ -6,7 +6,6 @@ process. Only the endpoint URL differs from AWS.
 """
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,8 @@ from mnist_pipeline.dataset import Dataset
 from mnist_pipeline.localcloud import LocalCloud
 from mnist_pipeline.localcloud.runner import free_port
 from mnist_pipeline.records import RunStatus
-from tests.conftest import ROOT
+from tests.conftest import ROOT, png
+from tests.e2e.helpers import instance_states, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -37,30 +37,6 @@ def cloud(tmp_path_factory):
     )
     with local:
         yield local
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def instance_states(cloud) -> dict[str, str]:
-    reservations = cloud.client("ec2").describe_instances()["Reservations"]
-    return {
-        instance["InstanceId"]: instance["State"]["Name"]
-        for reservation in reservations
-        for instance in reservation["Instances"]
-    }
-
-
-def wait_until(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_upload_trains_gates_and_serves(cloud, mnist):

@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from mnist_server.app import create_app
-from PIL import Image
 
 from mnist_pipeline import keys
-from tests.conftest import BUCKET, MODEL_VERSION, serve, server_settings
+from tests.conftest import BUCKET, MODEL_VERSION, png, serve, server_settings
 
 VERSION = MODEL_VERSION
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture

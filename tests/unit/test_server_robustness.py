@@ -21,7 +21,7 @@ from mnist_server.preprocess import InvalidImageError, preprocess
 from PIL import Image, ImageDraw
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import server_settings
+from tests.conftest import png, server_settings
 
 pytestmark = [
     # Generated files include the IM format, which Pillow 13 deprecates, and
@@ -106,12 +106,6 @@ MALFORMED_HEADERS = {
     + (99).to_bytes(4, "little")
     + bytes(20),
 }
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def blp_with_compression(compression: int) -> bytes:
