@@ -76,9 +76,20 @@ def _find_idx(directory: Path, stem: str) -> Path:
 def read_idx_directory(directory: str | os.PathLike) -> Dataset:
     """Read the four MNIST IDX files in ``directory``."""
     directory = Path(directory)
-    arrays = {
-        name: read_idx(_find_idx(directory, stem)) for name, stem in IDX_FILES.items()
-    }
+    arrays = {}
+    for name, stem in IDX_FILES.items():
+        path = _find_idx(directory, stem)
+        array = read_idx(path)
+        # Image files are (count, rows, columns) and label files (count,).
+        expected = "labels" if name.startswith("y") else "images"
+        found = {1: "labels", 3: "images"}.get(array.ndim, f"{array.ndim}-D data")
+        if found != expected:
+            raise DatasetSourceError(
+                f"{path} contains {found} of shape {array.shape}, but a file named "
+                f"{stem} must contain {expected}; check that the IDX files were "
+                "not renamed or swapped."
+            )
+        arrays[name] = array
 
     return Dataset(**arrays)
 

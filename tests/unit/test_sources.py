@@ -50,6 +50,23 @@ def test_missing_idx_file_names_the_file(mnist_dir, tmp_path):
         sources.read_source(str(tmp_path))
 
 
+def test_swapped_idx_files_are_named(mnist_dir, tmp_path):
+    for stem in sources.IDX_FILES.values():
+        shutil.copy(mnist_dir / f"{stem}.gz", tmp_path)
+    # The training labels saved under the training images' name.
+    shutil.copy(
+        mnist_dir / "train-labels-idx1-ubyte.gz",
+        tmp_path / "train-images-idx3-ubyte.gz",
+    )
+
+    with pytest.raises(DatasetSourceError) as error:
+        sources.read_source(str(tmp_path))
+
+    message = str(error.value)
+    assert "train-images-idx3-ubyte.gz contains labels of shape (60000,)" in message
+    assert "renamed or swapped" in message
+
+
 def test_truncated_idx_file_is_reported(mnist_dir, tmp_path):
     with gzip.open(mnist_dir / "t10k-labels-idx1-ubyte.gz") as labels:
         data = labels.read()
