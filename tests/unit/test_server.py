@@ -1,4 +1,5 @@
 import http.client
+import importlib
 import io
 import json
 import socket
@@ -380,3 +381,27 @@ def test_concurrent_requests_get_identical_answers(s3, small_mnist):
 
     assert [r.status_code for r in responses] == [200] * 32
     assert len({r.text for r in responses}) == 1
+
+
+def test_bare_benchmark_server_predicts_like_the_app(
+    client, trained, small_mnist, tmp_path, monkeypatch
+):
+    # benchmarks/serving.py compares the app with this reference, so both
+    # must do the same work and return the same answer.
+    model_path = tmp_path / "model.tflite"
+    model_path.write_bytes(trained["tflite"])
+    monkeypatch.setenv("MODEL_PATH", str(model_path))
+    bare_server = importlib.import_module("benchmarks.bare_server")
+
+    # Without `with`, TestClient sends no lifespan events, which the bare
+    # app does not handle.
+    bare_client = TestClient(bare_server.app)
+
+    for image in small_mnist.x_test[:20]:
+        files = {"file": ("d.png", png(image))}
+        expected = client.post("/predict", files=files).json()
+        response = bare_client.post("/predict", files=files)
+
+        assert response.status_code == 200
+        assert response.json()["digit"] == expected["digit"]
+        assert response.json()["probabilities"] == expected["probabilities"]
