@@ -1,5 +1,6 @@
 import contextlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,50 @@ def test_nan_float_image_is_handled():
 
     assert result.max() > 128
     assert np.isfinite(result).all()
+
+
+def test_tiny_float_peak_is_stretched():
+    # 255 / 1e-38 overflows float32.
+    pixels = np.zeros((28, 28), np.float32)
+    pixels[6:22, 13:15] = 1e-38
+
+    result = preprocess(encode(Image.fromarray(pixels, mode="F"), "TIFF"))
+
+    assert result.max() == 255
+    assert result[0].max() == 0
+
+
+@pytest.mark.parametrize("size", [(600, 3000), (3000, 600), (700, 4000)])
+def test_tall_sixteen_bit_image_is_read(size):
+    # Pillow cannot reduce 16-bit images by a different factor per axis.
+    width, height = size
+    paper = np.full((height, width), 65535, np.uint16)
+    paper[height // 10 : -height // 10, width // 3 : -width // 3] = 0
+
+    result = preprocess(encode(Image.fromarray(paper)))
+
+    assert result.max() == 255
+    assert result[0].max() == 0
+
+
+@pytest.mark.parametrize("format", ["ICO", "IM", "SPIDER", "PCX"])
+def test_rare_formats_are_refused_before_decoding(format):
+    # Pillow's ICO reader decodes the whole embedded image while opening
+    # it, so a file that declares 16x16 could hold 13000x13000 pixels.
+    # SPIDER stores only float images.
+    image = Image.new("F" if format == "SPIDER" else "L", (16, 16), 1)
+
+    with pytest.raises(InvalidImageError, match="not an image format"):
+        preprocess(encode(image, format))
+
+
+def test_malformed_tiff_tag_is_refused():
+    # A TIFF whose tag holds a fraction where Pillow expects an integer; the
+    # decoder raises TypeError for it.
+    data = (Path(__file__).parent / "data" / "rational-tag.tif").read_bytes()
+
+    with pytest.raises(InvalidImageError, match="could not be decoded"):
+        preprocess(data)
 
 
 def test_large_blank_image_is_refused_cheaply():

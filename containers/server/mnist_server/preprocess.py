@@ -31,9 +31,11 @@ INK_LEVEL = 5
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# Exceptions Pillow's format plugins raise on truncated or malformed files
-# (BLPFormatError is a NotImplementedError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, NotImplementedError, EOFError)
+# Formats users send photos and drawings in. Pillow reads many more, but its
+# rarer plugins decode a whole file while opening it (ICO), before the pixel
+# limit can be checked, or need outside programs (EPS needs Ghostscript).
+# Pillow's JPEG reader also opens MPO, the JPEG variant some cameras write.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 class InvalidImageError(ValueError):
@@ -41,11 +43,11 @@ class InvalidImageError(ValueError):
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode an upload, checking its size before decoding any pixel."""
+    """Read an upload's header and check its pixel count; decode no pixel yet."""
     if not data:
         raise InvalidImageError("The uploaded file is empty; send a PNG or JPEG image.")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(
             f"The image has more pixels than the limit of {MAX_PIXELS}; "
@@ -53,11 +55,16 @@ def open_image(data: bytes) -> Image.Image:
         ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError(
-            "The uploaded file is not an image format this server reads; "
-            "send a PNG or JPEG image."
+            "The uploaded file is not an image format this server reads "
+            f"({', '.join(FORMATS)}); send a PNG or JPEG image."
         ) from exc
-    except _DECODE_ERRORS as exc:
-        # A recognised format whose header is cut off or malformed.
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # A recognised format whose header is cut off or malformed. Pillow's
+        # plugins raise many exception types on malformed files (TypeError
+        # and AttributeError among them), and none of them is the server's
+        # fault.
         raise InvalidImageError(
             f"The image header could not be read ({exc}); the file is truncated "
             "or corrupt."
@@ -69,12 +76,21 @@ def open_image(data: bytes) -> Image.Image:
             f"The image is {width}x{height} pixels, more than the limit of "
             f"{MAX_PIXELS} pixels; scale it down before sending."
         )
+
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from `open_image`, upright per its EXIF."""
     try:
         # In place, because without an orientation tag the default returns a
         # copy of the image.
         ImageOps.exif_transpose(image, in_place=True)
         image.load()
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # As in open_image: a malformed file, whatever Pillow raised for it.
         raise InvalidImageError(
             f"The image could not be decoded ({exc}); it may be truncated or corrupt."
         ) from exc
@@ -91,9 +107,14 @@ def downscale(image: Image.Image) -> Image.Image:
     """
     if max(image.size) <= MAX_WORKING_SIDE:
         return image
-    if image.mode not in ("L", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        # Pillow's reduce rejects 16-bit modes when the two axes shrink by
+        # different factors; mode I holds the same values.
+        image = image.convert("I")
+    elif image.mode not in ("L", "RGB", "RGBA", "I", "F"):
         image = image.convert("RGBA")
-    image = image.copy()
+    else:
+        image = image.copy()
     image.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE), Image.Resampling.BOX)
 
     return image
@@ -183,7 +204,9 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     if peak <= 0:
         raise InvalidImageError("The image is blank; send a picture of one digit.")
     if peak != 255.0:
-        pixels = pixels * (255.0 / peak)
+        # Divided first: 255 / peak overflows float32 when a float image's
+        # brightest pixel is tiny.
+        pixels = pixels / peak * 255.0
 
     ink_mask = pixels > INK_LEVEL
     rows = np.flatnonzero(ink_mask.any(axis=1))
@@ -221,6 +244,11 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     return np.round(field).astype(np.uint8)
 
 
+def read_digit(image: Image.Image) -> np.ndarray:
+    """Decode an image from `open_image` into a 28x28 uint8 MNIST-style digit."""
+    return to_mnist(load_image(image))
+
+
 def preprocess(data: bytes) -> np.ndarray:
     """Decode an uploaded image file into a 28x28 uint8 MNIST-style digit."""
-    return to_mnist(open_image(data))
+    return read_digit(open_image(data))
