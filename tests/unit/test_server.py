@@ -3,16 +3,36 @@ import importlib
 import io
 import json
 import socket
+import time
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from mnist_server.app import create_app
+from PIL import Image
 
 from mnist_pipeline import keys
 from tests.conftest import BUCKET, MODEL_VERSION, png, serve, server_settings
 
 VERSION = MODEL_VERSION
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wait_for_text(url: str, text: str, timeout: float = 10) -> str:
+    """Poll ``url`` until its body contains ``text``; return the last body."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    body = requests.get(url, timeout=10).text
+    while text not in body and time.monotonic() < deadline:
+        time.sleep(0.1)
+        body = requests.get(url, timeout=10).text
+    return body
 
 
 @pytest.fixture
@@ -383,11 +403,93 @@ def test_concurrent_requests_get_identical_answers(s3, small_mnist):
     assert len({r.text for r in responses}) == 1
 
 
+def test_large_image_decodes_off_the_event_loop(s3, small_mnist, monkeypatch):
+    import concurrent.futures
+    import threading
+
+    import requests
+    from mnist_server import app as app_module
+
+    from mnist_pipeline.localcloud.runner import free_port
+
+    # Hold the decoding of one large image until /health has responded.
+    decoding = threading.Event()
+    release = threading.Event()
+    read_digit = app_module.read_digit
+
+    def held_read_digit(image):
+        decoding.set()
+        assert release.wait(30)
+        return read_digit(image)
+
+    monkeypatch.setattr(app_module, "read_digit", held_read_digit)
+    photo = Image.fromarray(255 - small_mnist.x_test[0]).resize((600, 600))
+
+    with (
+        serve(server_settings(port=free_port()), s3) as url,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        prediction = pool.submit(
+            requests.post,
+            f"{url}/predict",
+            files={"file": ("photo.png", encode_png(photo))},
+            timeout=60,
+        )
+        assert decoding.wait(30)
+        health = requests.get(f"{url}/health", timeout=10)
+        release.set()
+
+        assert health.status_code == 200
+        assert prediction.result().status_code == 200
+        assert prediction.result().json()["digit"] == small_mnist.y_test[0]
+
+
+def test_client_gone_mid_upload_counts_499(s3):
+    from mnist_pipeline.localcloud.runner import free_port
+
+    port = free_port()
+    with serve(server_settings(port=port), s3) as url:
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=BND\r\n"
+                b"Content-Length: 100000\r\n\r\n"
+                b'--BND\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
+            )
+        metrics = wait_for_text(f"{url}/metrics", 'status="499"')
+
+    assert 'route="/predict",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_health_accepts_head(client):
+    response = client.head("/health")
+
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_unexpected_error_gets_json_500(s3, small_mnist, monkeypatch):
+    def broken_predict(digit):
+        raise RuntimeError("interpreter failed")
+
+    app = create_app(server_settings(), s3=s3, announce=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        # After start-up, whose smoke check classifies digits too.
+        monkeypatch.setattr(app.state.classifier, "predict", broken_predict)
+        response = client.post(
+            "/predict", files={"file": ("d.png", png(small_mnist.x_test[0]))}
+        )
+
+    assert response.status_code == 500
+    assert "logged the error" in response.json()["detail"]
+
+
 def test_bare_benchmark_server_predicts_like_the_app(
     client, trained, small_mnist, tmp_path, monkeypatch
 ):
     # benchmarks/serving.py compares the app with this reference, so both
-    # must do the same work and return the same answer.
+    # must do the same work and return the same probabilities.
     model_path = tmp_path / "model.tflite"
     model_path.write_bytes(trained["tflite"])
     monkeypatch.setenv("MODEL_PATH", str(model_path))

@@ -14,10 +14,14 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 # Room in a request body, beside the files themselves, for boundaries, part
 # headers and small form fields that the server ignores.
 FORM_OVERHEAD_BYTES = 64 * 1024
+# The status nginx logs for a client that closed its connection before the
+# response. The metrics count it, and no client ever receives it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def form_files_schema(field: str, description: str, *, multiple: bool) -> dict:
@@ -178,7 +182,7 @@ async def read_form_files(
     HTTPException
         400 for a malformed multipart body, 413 for more than ``max_files``
         files, a file over ``max_file_bytes`` or a body over what those
-        files need.
+        files need, 499 when the client disconnects before the body ends.
     RequestValidationError
         422 when the body is not multipart/form-data or has no ``field`` part.
     """
@@ -223,7 +227,14 @@ async def read_form_files(
             parser.write(chunk)
     except FormParserError as exc:
         raise HTTPException(
-            status_code=400, detail=f"The multipart body is malformed: {exc}"
+            status_code=400,
+            detail=f"The multipart body is malformed: {exc}. Let the HTTP client "
+            "build the multipart body, for example with `curl -F file=@digit.png`.",
+        ) from exc
+    except ClientDisconnect as exc:
+        raise HTTPException(
+            status_code=CLIENT_CLOSED_REQUEST,
+            detail="The client closed the connection before the body ended.",
         ) from exc
     if received_bytes == 0:
         raise missing_field_error(
