@@ -33,6 +33,10 @@ def main() -> None:
     gc.collect()
     gc.freeze()
 
+    # NOTE: uvicorn does not time out a request whose headers or body arrive
+    # slowly or not at all, so such clients keep their connections (and file
+    # descriptors) until they close. Batches are bounded per request but not
+    # in total, so many concurrent large batches add up in memory.
     uvicorn.run(
         app,
         host=settings.host,
