@@ -462,6 +462,34 @@ def test_client_gone_mid_upload_counts_499(s3):
     assert 'status="500"' not in metrics
 
 
+def test_stalled_upload_gets_408(s3, monkeypatch):
+    from mnist_server import uploads
+
+    from mnist_pipeline.localcloud.runner import free_port
+
+    monkeypatch.setattr(uploads, "BODY_IDLE_TIMEOUT_SECONDS", 0.5)
+    port = free_port()
+    with (
+        serve(server_settings(port=port), s3),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as connection,
+    ):
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=BND\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+            b'--BND\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
+        )
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        body = json.loads(response.read())
+        closed = connection.recv(1) == b""
+
+    assert response.status == 408
+    assert "No part of the request body arrived for 0.5 s" in body["detail"]
+    assert response.getheader("connection") == "close"
+    assert closed
+
+
 def test_health_accepts_head(client):
     response = client.head("/health")
 

@@ -33,10 +33,11 @@ def main() -> None:
     gc.collect()
     gc.freeze()
 
-    # NOTE: uvicorn does not time out a request whose headers or body arrive
-    # slowly or not at all, so such clients keep their connections (and file
-    # descriptors) until they close. Batches are bounded per request but not
-    # in total, so many concurrent large batches add up in memory.
+    # NOTE: uvicorn does not time out a request whose headers arrive slowly
+    # or not at all, so such clients keep their connections (and file
+    # descriptors) until they close; stalled bodies get 408 from the app.
+    # Batches are bounded per request but not in total, so many concurrent
+    # large batches add up in memory.
     uvicorn.run(
         app,
         host=settings.host,

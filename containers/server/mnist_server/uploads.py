@@ -8,8 +8,10 @@ feeds the request stream to that parser directly, keeps the parts of one
 field in memory and rejects a part as soon as it passes the byte limit.
 """
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from python_multipart.exceptions import FormParserError
@@ -19,6 +21,9 @@ from starlette.requests import ClientDisconnect
 # Room in a request body, beside the files themselves, for boundaries, part
 # headers and small form fields that the server ignores.
 FORM_OVERHEAD_BYTES = 64 * 1024
+# A request whose body stops arriving for this long gets 408, and its
+# connection is closed. nginx waits 60 s by default (client_body_timeout).
+BODY_IDLE_TIMEOUT_SECONDS = 30.0
 # The status nginx logs for a client that closed its connection before the
 # response. The metrics count it, and no client ever receives it.
 CLIENT_CLOSED_REQUEST = 499
@@ -169,6 +174,25 @@ class _FormFiles:
         self.ended = True
 
 
+async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """Yield the request body's chunks, raising 408 when they stop arriving."""
+    stream = request.stream()
+    while True:
+        with anyio.move_on_after(BODY_IDLE_TIMEOUT_SECONDS) as waiting:
+            chunk = await anext(stream, None)
+        if waiting.cancelled_caught:
+            # uvicorn closes the connection after a response that says so.
+            raise HTTPException(
+                status_code=408,
+                detail=f"No part of the request body arrived for "
+                f"{BODY_IDLE_TIMEOUT_SECONDS:g} s; send the request again.",
+                headers={"Connection": "close"},
+            )
+        if chunk is None:
+            return
+        yield chunk
+
+
 async def read_form_files(
     request: Request, field: str, *, max_files: int, max_file_bytes: int
 ) -> list[bytes]:
@@ -182,7 +206,9 @@ async def read_form_files(
     HTTPException
         400 for a malformed multipart body, 413 for more than ``max_files``
         files, a file over ``max_file_bytes`` or a body over what those
-        files need, 499 when the client disconnects before the body ends.
+        files need, 408 when the body stops arriving for
+        ``BODY_IDLE_TIMEOUT_SECONDS``, 499 when the client disconnects before
+        the body ends.
     RequestValidationError
         422 when the body is not multipart/form-data or has no ``field`` part.
     """
@@ -218,7 +244,7 @@ async def read_form_files(
     received_bytes = 0
     try:
         parser = MultipartParser(boundary, form.callbacks())
-        async for chunk in request.stream():
+        async for chunk in _body_chunks(request):
             received_bytes += len(chunk)
             if received_bytes > max_body_bytes:
                 raise body_too_large_error(
