@@ -1,5 +1,7 @@
 import contextlib
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,63 @@ def test_malformed_tiff_tag_is_refused():
     data = (Path(__file__).parent / "data" / "rational-tag.tif").read_bytes()
 
     with pytest.raises(InvalidImageError, match="could not be decoded"):
+        preprocess(data)
+
+
+def test_premultiplied_alpha_tiff_gets_clear_error():
+    # Pillow reads greyscale with associated alpha (ExtraSamples 1) as mode
+    # "La", which it cannot convert to RGBA.
+    data = bytearray(encode(Image.new("LA", (28, 28), (0, 255)), "TIFF"))
+    extra_samples = data.find(struct.pack("<HHI", 338, 3, 1))
+    data[extra_samples + 8 : extra_samples + 10] = struct.pack("<H", 1)
+
+    with pytest.raises(InvalidImageError, match="pixel mode La"):
+        preprocess(bytes(data))
+
+
+def test_jpeg_with_many_scans_is_refused(small_mnist):
+    # Repeating a progressive JPEG's last scan keeps the file valid and
+    # makes libjpeg decode the whole image once per copy.
+    photo = as_user_photo(small_mnist.x_test[0])
+    data = encode(photo, "JPEG", progressive=True)
+    last_scan = data.rindex(b"\xff\xda")
+    scan = data[last_scan:-2]
+    bomb = data[:-2] + scan * 150 + data[-2:]
+
+    with pytest.raises(InvalidImageError, match="JPEG has 1.. scans"):
+        preprocess(bomb)
+    assert preprocess(data).max() == 255
+
+
+def test_tiff_with_huge_tiles_is_refused():
+    # A 100x100 image in one deflated 8192x8192 tile: 4 MB of tile for 10,000
+    # pixels.
+    tile = zlib.compress(bytes(8192 * 8192), 9)
+    tags = [
+        (256, 4, 100),  # ImageWidth
+        (257, 4, 100),  # ImageLength
+        (258, 3, 8),  # BitsPerSample
+        (259, 3, 8),  # Compression: deflate
+        (262, 3, 1),  # PhotometricInterpretation: black is zero
+        (277, 3, 1),  # SamplesPerPixel
+        (322, 4, 8192),  # TileWidth
+        (323, 4, 8192),  # TileLength
+        (324, 4, 0),  # TileOffsets, set below
+        (325, 4, len(tile)),  # TileByteCounts
+    ]
+    tile_offset = 8 + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (
+            struct.pack("<I", tile_offset if tag == 324 else value)
+            if kind == 4
+            else struct.pack("<HH", value, 0)
+        )
+        for tag, kind, value in tags
+    )
+    data = b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + tile
+
+    with pytest.raises(InvalidImageError, match="tiles are 8192x8192 pixels"):
         preprocess(data)
 
 

@@ -36,6 +36,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # limit can be checked, or need outside programs (EPS needs Ghostscript).
 # Pillow's JPEG reader also opens MPO, the JPEG variant some cameras write.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+# libjpeg decodes every scan of a progressive JPEG over the whole image, so a
+# 5 MB file that repeats one scan 120,000 times took 10 s to decode. libjpeg's
+# progressive encoder writes 10 scans for a colour image, and the margin
+# covers embedded thumbnails.
+MAX_JPEG_SCANS = 100
+# TIFF tile tags
+_TILE_WIDTH, _TILE_LENGTH = 322, 323
 
 
 class InvalidImageError(ValueError):
@@ -76,8 +83,32 @@ def open_image(data: bytes) -> Image.Image:
             f"The image is {width}x{height} pixels, more than the limit of "
             f"{MAX_PIXELS} pixels; scale it down before sending."
         )
+    check_decoding_cost(image, data)
 
     return image
+
+
+def check_decoding_cost(image: Image.Image, data: bytes) -> None:
+    """Reject files whose decoding costs far more than their pixel count suggests."""
+    if image.format == "JPEG":
+        # Entropy-coded data escapes every 0xFF byte, so this counts the scans
+        # of the image and of any embedded thumbnail.
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(
+                f"The JPEG has {scans} scans, more than the limit of "
+                f"{MAX_JPEG_SCANS}; save it again as a baseline JPEG or a PNG."
+            )
+    if image.format == "TIFF":
+        # Pillow allocates and decodes whole tiles, and a tile may be declared
+        # far larger than the image.
+        tile_width = image.tag_v2.get(_TILE_WIDTH, 0)
+        tile_length = image.tag_v2.get(_TILE_LENGTH, 0)
+        if tile_width * tile_length > MAX_PIXELS:
+            raise InvalidImageError(
+                f"The TIFF's tiles are {tile_width}x{tile_length} pixels, more than "
+                f"the limit of {MAX_PIXELS}; save it as a PNG or an untiled TIFF."
+            )
 
 
 def load_image(image: Image.Image) -> Image.Image:
@@ -98,6 +129,18 @@ def load_image(image: Image.Image) -> Image.Image:
     return image
 
 
+def to_rgba(image: Image.Image) -> Image.Image:
+    """Convert an image to RGBA, or raise InvalidImageError for a mode Pillow cannot."""
+    try:
+        return image.convert("RGBA")
+    except ValueError as exc:
+        # For example "La", greyscale with premultiplied alpha, from a TIFF.
+        raise InvalidImageError(
+            f"The image's pixel mode {image.mode} cannot be read ({exc}); save it "
+            "as an RGB, RGBA or greyscale PNG or JPEG."
+        ) from exc
+
+
 def downscale(image: Image.Image) -> Image.Image:
     """Shrink an image so its longest side is at most `MAX_WORKING_SIDE`.
 
@@ -109,10 +152,10 @@ def downscale(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L"):
         # Pillow's reduce rejects 16-bit modes when the two axes shrink by
-        # different factors; mode I holds the same values.
+        # different factors; mode I stores the same values.
         image = image.convert("I")
     elif image.mode not in ("L", "RGB", "RGBA", "I", "F"):
-        image = image.convert("RGBA")
+        image = to_rgba(image)
     else:
         image = image.copy()
     image.thumbnail((MAX_WORKING_SIDE, MAX_WORKING_SIDE), Image.Resampling.BOX)
@@ -131,7 +174,7 @@ def to_luminance(image: Image.Image) -> np.ndarray:
     if image.mode == "L":
         return np.asarray(image, dtype=np.float32)
 
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    rgba = np.asarray(to_rgba(image), dtype=np.float32)
     luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     alpha = rgba[..., 3] / 255.0
     if alpha.min() == 1.0:
