@@ -403,27 +403,54 @@ def test_concurrent_requests_get_identical_answers(s3, small_mnist):
     assert len({r.text for r in responses}) == 1
 
 
-def test_large_image_decodes_off_the_event_loop(s3, small_mnist, monkeypatch):
-    import concurrent.futures
-    import threading
+class HeldDecoding:
+    """Replaces the app's read_digit with one that waits for `release`."""
 
-    import requests
+    def __init__(self, read_digit) -> None:
+        import threading
+
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self._read_digit = read_digit
+
+    def __call__(self, image):
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(30)
+        return self._read_digit(image)
+
+
+@pytest.fixture
+def held_decoding(monkeypatch) -> HeldDecoding:
     from mnist_server import app as app_module
 
+    held = HeldDecoding(app_module.read_digit)
+    monkeypatch.setattr(app_module, "read_digit", held)
+    return held
+
+
+def large_photo(digit: np.ndarray) -> bytes:
+    return encode_png(Image.fromarray(255 - digit).resize((600, 600)))
+
+
+def small_image_in_large_file(digit: np.ndarray) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    text = PngInfo()
+    text.add_text("Comment", "x" * 20_000)
+    buffer = io.BytesIO()
+    Image.fromarray(digit).save(buffer, format="PNG", pnginfo=text)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("encode", [large_photo, small_image_in_large_file])
+def test_large_image_decodes_off_the_event_loop(s3, small_mnist, held_decoding, encode):
+    import concurrent.futures
+
+    import requests
+
     from mnist_pipeline.localcloud.runner import free_port
-
-    # Hold the decoding of one large image until /health has responded.
-    decoding = threading.Event()
-    release = threading.Event()
-    read_digit = app_module.read_digit
-
-    def held_read_digit(image):
-        decoding.set()
-        assert release.wait(30)
-        return read_digit(image)
-
-    monkeypatch.setattr(app_module, "read_digit", held_read_digit)
-    photo = Image.fromarray(255 - small_mnist.x_test[0]).resize((600, 600))
 
     with (
         serve(server_settings(port=free_port()), s3) as url,
@@ -432,16 +459,55 @@ def test_large_image_decodes_off_the_event_loop(s3, small_mnist, monkeypatch):
         prediction = pool.submit(
             requests.post,
             f"{url}/predict",
-            files={"file": ("photo.png", encode_png(photo))},
+            files={"file": ("digit.png", encode(small_mnist.x_test[0]))},
             timeout=60,
         )
-        assert decoding.wait(30)
+        # /health responds while the decode is held on its worker thread.
+        assert held_decoding.started.wait(30)
         health = requests.get(f"{url}/health", timeout=10)
-        release.set()
+        held_decoding.release.set()
 
         assert health.status_code == 200
         assert prediction.result().status_code == 200
         assert prediction.result().json()["digit"] == small_mnist.y_test[0]
+
+
+def test_batch_stops_when_client_leaves(s3, small_mnist, held_decoding):
+    import requests
+
+    from mnist_pipeline.localcloud.runner import free_port
+
+    photo = large_photo(small_mnist.x_test[0])
+    body = b"".join(
+        b'--BND\r\nContent-Disposition: form-data; name="files"; '
+        b'filename="d.png"\r\n\r\n' + photo + b"\r\n"
+        for _ in range(3)
+    )
+    body += b"--BND--\r\n"
+    port = free_port()
+    with serve(server_settings(port=port), s3) as url:
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                b"POST /predict/batch HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=BND\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert held_decoding.started.wait(30)
+        # The client has gone while its first file decodes.
+        held_decoding.release.set()
+        metrics = wait_for_text(f"{url}/metrics", 'route="/predict/batch"')
+        health = requests.get(f"{url}/health", timeout=10)
+
+    assert held_decoding.calls == 1
+    assert 'route="/predict/batch",status="499"} 1.0' in metrics
+    assert health.status_code == 200
+
+
+def test_health_route_has_one_operation(client):
+    paths = client.get("/openapi.json").json()["paths"]
+
+    assert list(paths["/health"]) == ["get"]
 
 
 def test_client_gone_mid_upload_counts_499(s3):

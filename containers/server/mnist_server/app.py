@@ -34,13 +34,19 @@ from mnist_server.preprocess import (
     open_image,
     read_digit,
 )
-from mnist_server.uploads import form_files_schema, read_form_files
+from mnist_server.uploads import (
+    CLIENT_CLOSED_REQUEST,
+    form_files_schema,
+    read_form_files,
+)
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 120
-# Images with more pixels than this are decoded on a worker thread.
+# Images with more pixels, or files with more bytes, than these are decoded
+# on a worker thread.
 INLINE_DECODE_PIXELS = MAX_WORKING_SIDE * MAX_WORKING_SIDE
+INLINE_DECODE_BYTES = 16 * 1024
 # Worker threads that decode large images at once. Each may hold a whole
 # decoded image (up to 100 MB for 25 megapixels of RGBA), so this bounds the
 # memory that concurrent large uploads take.
@@ -162,10 +168,11 @@ def create_app(
     # Routes are async and decode and classify a small image on the event
     # loop, in about 0.2 ms. Handing that work to a worker thread halved the
     # /predict rate in benchmarks/serving.py, because the thread and the loop
-    # contend for the GIL. Images with more than INLINE_DECODE_PIXELS pixels
-    # are decoded on a worker thread instead, so a large photo does not stall
-    # the event loop. The pixel count, read from the header, sets the cost:
-    # a 110 KB PNG of 5000x5000 pixels took 0.55 s to decode on 2 vCPUs.
+    # contend for the GIL. Larger images are decoded on a worker thread
+    # instead, so that they do not stall the event loop. Both the pixel count
+    # and the file size set the cost: on 2 vCPUs, a 110 KB PNG of 5000x5000
+    # pixels took 0.55 s to decode, and a 5 MB PNG made of 437,000 empty
+    # chunks took 1.1 s.
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -179,12 +186,10 @@ def create_app(
         )
 
     # HEAD as well as GET, because load balancers and uptime checks use both.
-    @app.api_route(
-        "/health",
-        methods=["GET", "HEAD"],
-        response_model=Health,
-        responses={503: {"model": Health}},
-    )
+    # The HEAD route stays out of the OpenAPI document, whose operation ids
+    # must be unique.
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    @app.head("/health", include_in_schema=False)
     async def read_health(request: Request) -> Any:
         """Report whether a model is loaded, and which."""
         classifier = request.app.state.classifier
@@ -206,7 +211,8 @@ def create_app(
     ) -> Prediction:
         try:
             image = open_image(data)
-            if image.width * image.height > INLINE_DECODE_PIXELS:
+            pixels = image.width * image.height
+            if pixels > INLINE_DECODE_PIXELS or len(data) > INLINE_DECODE_BYTES:
                 digit = await anyio.to_thread.run_sync(
                     read_digit, image, limiter=request.app.state.decode_limiter
                 )
@@ -274,10 +280,17 @@ def create_app(
             max_files=settings.max_batch_files,
             max_file_bytes=settings.max_upload_bytes,
         )
-        predictions = [
-            await classify(request, classifier, data, f"File {index}")
-            for index, data in enumerate(uploads, start=1)
-        ]
+        predictions = []
+        for index, data in enumerate(uploads, start=1):
+            # A client that left gets no more of its files decoded.
+            if await request.is_disconnected():
+                raise HTTPException(
+                    status_code=CLIENT_CLOSED_REQUEST,
+                    detail=f"The client disconnected before file {index} was read.",
+                )
+            predictions.append(
+                await classify(request, classifier, data, f"File {index}")
+            )
         batch = BatchPrediction(predictions=predictions)
 
         return Response(batch.model_dump_json(), media_type="application/json")
