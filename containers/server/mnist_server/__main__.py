@@ -35,7 +35,7 @@ def main() -> None:
 
     # NOTE: uvicorn does not time out a request whose headers arrive slowly
     # or not at all, so such clients keep their connections (and file
-    # descriptors) until they close; stalled bodies get 408 from the app.
+    # descriptors) until they close. Stalled bodies get 408 from the app.
     # Batches are bounded per request but not in total, so many concurrent
     # large batches add up in memory.
     uvicorn.run(
