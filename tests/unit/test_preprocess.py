@@ -154,8 +154,8 @@ def test_rare_formats_are_refused_before_decoding(format):
 
 
 def test_malformed_tiff_tag_is_refused():
-    # A TIFF whose tag holds a fraction where Pillow expects an integer; the
-    # decoder raises TypeError for it.
+    # A TIFF whose tag contains a fraction where Pillow expects an integer,
+    # so the decoder raises TypeError.
     data = (Path(__file__).parent / "data" / "rational-tag.tif").read_bytes()
 
     with pytest.raises(InvalidImageError, match="could not be decoded"):

@@ -15,6 +15,13 @@ from mnist_pipeline import keys
 from tests.conftest import BUCKET, MODEL_VERSION, png, serve, server_settings
 
 VERSION = MODEL_VERSION
+# A /predict request whose body stops after 3 of its announced 100,000 bytes.
+PARTIAL_UPLOAD = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Type: multipart/form-data; boundary=BND\r\n"
+    b"Content-Length: 100000\r\n\r\n"
+    b'--BND\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
+)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -516,12 +523,7 @@ def test_client_gone_mid_upload_counts_499(s3):
     port = free_port()
     with serve(server_settings(port=port), s3) as url:
         with socket.create_connection(("127.0.0.1", port)) as connection:
-            connection.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Type: multipart/form-data; boundary=BND\r\n"
-                b"Content-Length: 100000\r\n\r\n"
-                b'--BND\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
-            )
+            connection.sendall(PARTIAL_UPLOAD)
         metrics = wait_for_text(f"{url}/metrics", 'status="499"')
 
     assert 'route="/predict",status="499"} 1.0' in metrics
@@ -539,12 +541,7 @@ def test_stalled_upload_gets_408(s3, monkeypatch):
         serve(server_settings(port=port), s3),
         socket.create_connection(("127.0.0.1", port), timeout=10) as connection,
     ):
-        connection.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: multipart/form-data; boundary=BND\r\n"
-            b"Content-Length: 100000\r\n\r\n"
-            b'--BND\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc'
-        )
+        connection.sendall(PARTIAL_UPLOAD)
         response = http.client.HTTPResponse(connection)
         response.begin()
         body = json.loads(response.read())

@@ -237,7 +237,7 @@ async def read_form_files(
                     )
                 parser.write(chunk)
     except TimeoutError as exc:
-        # uvicorn closes the connection after a response that says so.
+        # uvicorn closes the connection after a response with this header.
         raise HTTPException(
             status_code=408,
             detail=f"No part of the request body arrived for "
